@@ -2,12 +2,24 @@
 
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
 from lora_jax.adapters_node import LoraFactors
+from lora_jax.interop import NameMap, export_peft, import_peft
+from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
 from lora_jax.spec import LoraSpec, Target
-from lora_jax.transform import wrap
+from lora_jax.transform import LoraFallbackError, LoraFallbackWarning, Report, explain, from_nnx, to_nnx, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
+    "load",
+    "load_config",
+    "load_params",
+    "save",
+    "save_merged",
+    "save_params",
+    "NameMap",
+    "export_peft",
+    "import_peft",
     "LoraCount",
     "LoraFactors",
     "LoraSpec",
@@ -19,4 +31,10 @@ __all__ = [
     "split",
     "unmerge",
     "wrap",
+    "explain",
+    "from_nnx",
+    "to_nnx",
+    "Report",
+    "LoraFallbackError",
+    "LoraFallbackWarning",
 ]

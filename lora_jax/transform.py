@@ -1,26 +1,847 @@
-"""wrap(): make targeted kernels act as W + scale*a@b inside any apply function."""
+"""wrap(): make targeted kernels act as ``W + scale * a @ b`` inside any apply function.
+
+The transform traces ``apply_fn`` to a jaxpr (``jax.make_jaxpr``) with every adapted kernel as
+an input, then evaluates that jaxpr equation by equation. An adapted kernel travels through the
+evaluation as a :class:`_Tracked` value: the base kernel plus its factors and a map from each
+axis of the current *view* of the kernel (after casts, transposes, slices, ...) to the factor
+axis it came from. Where a view meets a matmul, a convolution or an embedding lookup, the
+equation is rewritten into its factored form, ``op(x, W) + scale * op(op(x, a), b)``, so the
+``(fan_in x fan_out)`` update is never formed, in the forward pass or the backward pass. Any
+other use of the kernel materialises ``W + scale * a @ b`` for that use only (and says so).
+
+Higher-order primitives are re-expressed through public APIs with the interpreter running
+inside: ``lax.scan``, ``lax.switch``, ``jax.checkpoint`` (same policy); nested ``jit`` is
+inlined. No private ``Trace`` class is subclassed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable
+import string
+import warnings
+from typing import Any, Callable, Sequence
 
-from lora_jax.adapters import merge
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax import tree_util as jtu
+from jax.extend import core as jex
+
+from lora_jax.adapters import check_adapters, merge
+from lora_jax.adapters_node import LoraFactors
 
 PyTree = Any
+Array = Any
+
+_FALLBACK_MODES = ("warn", "error", "allow")
 
 
-def wrap(apply_fn: Callable[..., Any], *, mode: str = "factored") -> Callable[..., Any]:
-  """Returns ``lora_apply(params, adapters, *args, **kwargs)`` computing
-  ``apply_fn(merge(params, adapters), *args, **kwargs)``.
+class LoraFallbackWarning(UserWarning):
+  """An adapted kernel had to be materialised (``W + scale * a @ b``) for one of its uses."""
 
-  (Work in progress: the factored interpreter lands next; until then both modes merge.)
+
+class LoraFallbackError(ValueError):
+  """Raised instead of materialising when ``wrap(..., fallback="error")``."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracked kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@jtu.register_pytree_node_class
+@dataclasses.dataclass
+class _Tracked:
+  """A view of an adapted kernel: ``view(W) + scale * view(a @ b)`` with the view applied lazily.
+
+  ``w`` is the base kernel with the view's structural ops applied (still in the kernel's own
+  dtype; ``dtype`` is the view's dtype after casts). ``a`` is ``(*L, *I, r)`` and ``b`` is
+  ``(*L, r, *O)``; ``axes[v] = (kind, j)`` says that view axis ``v`` is the ``j``-th axis of
+  kind ``kind`` ('l', 'i' or 'o') of the factors. Every factor axis but ``r`` has exactly
+  one view axis.
+  """
+
+  w: Array
+  a: Array
+  b: Array
+  axes: tuple[tuple[str, int], ...]
+  scale: float
+  dtype: Any
+  path: str
+
+  def tree_flatten(self):
+    return (self.w, self.a, self.b), (self.axes, self.scale, self.dtype, self.path)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def nl(self) -> int:
+    return sum(1 for k, _ in self.axes if k == "l")
+
+  def a_axis(self, v: int) -> int:
+    kind, j = self.axes[v]
+    return j if kind == "l" else self.nl + j
+
+  def b_axis(self, v: int) -> int:
+    kind, j = self.axes[v]
+    return j if kind == "l" else self.nl + 1 + j
+
+  def replace(self, **kw) -> "_Tracked":
+    return dataclasses.replace(self, **kw)
+
+  def view_value(self) -> Array:
+    return self.w.astype(self.dtype)
+
+
+def _letters():
+  return iter(string.ascii_letters)
+
+
+def _delta(t: _Tracked, dtype: Any = None) -> Array:
+  """``scale * a @ b`` laid out like the view (materialises; used by fallbacks only)."""
+  names = _letters()
+  view = [next(names) for _ in t.axes]
+  r = next(names)
+  a_sub = [""] * t.a.ndim
+  b_sub = [""] * t.b.ndim
+  a_sub[-1] = r
+  b_sub[t.nl] = r
+  for v, (kind, _) in enumerate(t.axes):
+    if kind in "li":
+      a_sub[t.a_axis(v)] = view[v]
+    if kind in "lo":
+      b_sub[t.b_axis(v)] = view[v]
+  acc = jnp.promote_types(jnp.promote_types(t.a.dtype, t.b.dtype), jnp.float32)
+  d = jnp.einsum(
+      f"{''.join(a_sub)},{''.join(b_sub)}->{''.join(view)}",
+      t.a.astype(acc),
+      t.b.astype(acc),
+      precision=lax.Precision.HIGHEST,
+  )
+  d = d * jnp.asarray(t.scale, acc)
+  return d if dtype is None else d.astype(dtype)
+
+
+def _materialize(t: _Tracked) -> Array:
+  """``view(W + scale * a @ b)``, rounded as :func:`lora_jax.merge` rounds."""
+  d = _delta(t)
+  return (t.w.astype(d.dtype) + d).astype(t.w.dtype).astype(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Use:
+  """One use of an adapted kernel found while rewriting."""
+
+  path: str
+  primitive: str
+  factored: bool
+  reason: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+  """What :func:`explain` found: per adapted path, how each use of the kernel was computed."""
+
+  paths: list[str]
+  uses: list[Use]
+
+  def for_path(self, path: str) -> list[Use]:
+    return [u for u in self.uses if u.path == path]
+
+  @property
+  def unused(self) -> list[str]:
+    seen = {u.path for u in self.uses}
+    return [p for p in self.paths if p not in seen]
+
+  @property
+  def fallbacks(self) -> list[Use]:
+    return [u for u in self.uses if not u.factored]
+
+  def __str__(self) -> str:
+    width = max([len(p) for p in self.paths] + [4])
+    lines = [f"{'path':<{width}}  use"]
+    for p in self.paths:
+      uses = self.for_path(p)
+      if not uses:
+        lines.append(f"{p:<{width}}  UNUSED: the function never reads this kernel")
+      for u in uses:
+        how = "factored" if u.factored else f"MATERIALISED ({u.reason})"
+        lines.append(f"{p:<{width}}  {u.primitive}: {how}")
+    n_fb = len(self.fallbacks)
+    lines.append(f"{len(self.uses) - n_fb} factored use(s), {n_fb} materialised, {len(self.unused)} unused")
+    return "\n".join(lines)
+
+
+class _Ctx:
+  """Per-trace state: the uses seen and what to do on a fallback."""
+
+  def __init__(self, fallback: str):
+    self.fallback = fallback
+    self.uses: list[Use] = []
+
+  def factored(self, t: _Tracked, prim: str) -> None:
+    self.uses.append(Use(t.path, prim, True))
+
+  def materialize(self, t: _Tracked, prim: str, reason: str) -> Array:
+    self.uses.append(Use(t.path, prim, False, reason))
+    if self.fallback == "error":
+      raise LoraFallbackError(
+          f"{t.path!r}: the kernel meets `{prim}` ({reason}), which lora_jax cannot factor, "
+          "and wrap(..., fallback='error') forbids materialising W + scale*a@b. Use "
+          "fallback='warn' or 'allow' to materialise it for this use only."
+      )
+    return _materialize(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules: structural ops (return a new view) and consumers (return factored results)
+# ----------------------------------------------------------------------------------------------
+
+
+def _drop_axes(t: _Tracked, views: Sequence[int]) -> _Tracked:
+  """Removes size-1 view axes (and their factor axes)."""
+  views = sorted(set(views))
+  a_drop = sorted({t.a_axis(v) for v in views if t.axes[v][0] in "li"})
+  b_drop = sorted({t.b_axis(v) for v in views if t.axes[v][0] in "lo"})
+  a = jnp.squeeze(t.a, a_drop) if a_drop else t.a
+  b = jnp.squeeze(t.b, b_drop) if b_drop else t.b
+  axes = []
+  for v, (kind, j) in enumerate(t.axes):
+    if v in views:
+      continue
+    shift = sum(1 for u in views if t.axes[u][0] == kind and t.axes[u][1] < j)
+    axes.append((kind, j - shift))
+  return t.replace(a=a, b=b, axes=tuple(axes))
+
+
+def _slice_factors(t: _Tracked, v: int, fn: Callable[[Array, int], Array]) -> _Tracked:
+  """Applies ``fn(factor, factor_axis)`` to whichever factors carry view axis ``v``."""
+  kind = t.axes[v][0]
+  a = fn(t.a, t.a_axis(v)) if kind in "li" else t.a
+  b = fn(t.b, t.b_axis(v)) if kind in "lo" else t.b
+  return t.replace(a=a, b=b)
+
+
+def _rule_convert(ctx, eqn, t):
+  return t.replace(dtype=eqn.params["new_dtype"])
+
+
+def _rule_transpose(ctx, eqn, t):
+  perm = eqn.params["permutation"]
+  return t.replace(w=jnp.transpose(t.w, perm), axes=tuple(t.axes[p] for p in perm))
+
+
+def _rule_copy(ctx, eqn, t):
+  return t
+
+
+def _rule_squeeze(ctx, eqn, t):
+  dims = [d % len(t.axes) for d in eqn.params["dimensions"]]
+  out = _drop_axes(t, dims)
+  return out.replace(w=jnp.squeeze(t.w, dims))
+
+
+def _rule_slice(ctx, eqn, t):
+  start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+  strides = eqn.params["strides"] or (1,) * len(start)
+  w = lax.slice(t.w, start, limit, strides)
+  for v, (s, e, st) in enumerate(zip(start, limit, strides)):
+    if (s, e, st) != (0, t.w.shape[v], 1):
+      t = _slice_factors(t, v, lambda x, ax, s=s, e=e, st=st: lax.slice_in_dim(x, s, e, st, ax))
+  return t.replace(w=w)
+
+
+def _rule_dynamic_slice(ctx, eqn, t, *starts):
+  sizes = eqn.params["slice_sizes"]
+  w = lax.dynamic_slice(t.w, starts, sizes)
+  for v, (s, n) in enumerate(zip(starts, sizes)):
+    if n != t.w.shape[v]:
+      t = _slice_factors(t, v, lambda x, ax, s=s, n=n: lax.dynamic_slice_in_dim(x, s, n, ax))
+  return t.replace(w=w)
+
+
+def _rule_broadcast(ctx, eqn, t):
+  shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+  if any(shape[d] != t.w.shape[i] for i, d in enumerate(bdims)):
+    return None  # a real broadcast of an existing axis
+  new = [d for d in range(len(shape)) if d not in bdims]
+  if any(shape[d] != 1 for d in new) or list(bdims) != sorted(bdims):
+    return None
+  # Only size-1 axes are added: give each a unit fan-in axis on ``a``.
+  ni = sum(1 for k, _ in t.axes if k == "i")
+  a = t.a
+  axes = [None] * len(shape)
+  for i, d in enumerate(bdims):
+    axes[d] = t.axes[i]
+  for d in new:
+    a = jnp.expand_dims(a, t.nl + ni)  # new fan-in axis just before r
+    axes[d] = ("i", ni)
+    ni += 1
+  return t.replace(w=lax.broadcast_in_dim(t.w, shape, bdims), a=a, axes=tuple(axes))
+
+
+def _rule_reshape(ctx, eqn, t):
+  if eqn.params.get("dimensions") is not None:
+    return None
+  new_shape = tuple(eqn.params["new_sizes"])
+  old_shape = tuple(t.w.shape)
+  # Unit axes only (expand_dims / squeeze written as a reshape).
+  old_nz = [(v, d) for v, d in enumerate(old_shape) if d != 1]
+  new_nz = [d for d in new_shape if d != 1]
+  if [d for _, d in old_nz] != new_nz:
+    return None
+  ones_old = [v for v, d in enumerate(old_shape) if d == 1]
+  t = _drop_axes(t, ones_old).replace(w=jnp.reshape(t.w, [d for _, d in old_nz]))
+  keep = [d for d in range(len(new_shape)) if new_shape[d] != 1]
+
+  class _Eqn:
+    params = {"shape": new_shape, "broadcast_dimensions": tuple(keep)}
+
+  return _rule_broadcast(ctx, _Eqn, t)
+
+
+_STRUCTURAL = {
+    "convert_element_type": _rule_convert,
+    "transpose": _rule_transpose,
+    "copy": _rule_copy,
+    "copy_p": _rule_copy,
+    "squeeze": _rule_squeeze,
+    "slice": _rule_slice,
+    "broadcast_in_dim": _rule_broadcast,
+    "reshape": _rule_reshape,
+}
+
+
+def _dot_by_labels(x, xl, y, yl, contract, batch, precision, pref):
+  """dot_general of two labelled arrays; returns the result and its labels."""
+  xc = [xl.index(c) for c in contract]
+  yc = [yl.index(c) for c in contract]
+  xb = [xl.index(c) for c in batch]
+  yb = [yl.index(c) for c in batch]
+  out = lax.dot_general(x, y, ((xc, yc), (xb, yb)), precision=precision, preferred_element_type=pref)
+  skip = set(contract) | set(batch)
+  labels = list(batch) + [c for c in xl if c not in skip] + [c for c in yl if c not in skip]
+  return out, labels
+
+
+def _factored_dot(ctx, eqn, lhs, rhs):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  t_is_lhs = isinstance(lhs, _Tracked)
+  t, x = (lhs, rhs) if t_is_lhs else (rhs, lhs)
+  tc, xc, tb, xb = (lc, rc, lb, rb) if t_is_lhs else (rc, lc, rb, lb)
+  kinds_c = {t.axes[v][0] for v in tc}
+  if any(t.axes[v][0] != "l" for v in tb):
+    return None, "a batch dimension of the matmul is not a leading (layer) axis of the kernel"
+  if len(kinds_c) > 1 or kinds_c == {"l"}:
+    return None, "the matmul contracts fan-in and fan-out axes of the kernel together"
+  first = "o" if kinds_c == {"o"} else "i"
+  # Labels: x axes are ('x', k); a kernel axis shares its label with the x axis it meets.
+  xl = [("x", k) for k in range(x.ndim)]
+  vlab = [("t", v) for v in range(len(t.axes))]
+  for v, k in zip(tc, xc):
+    vlab[v] = xl[k]
+  for v, k in zip(tb, xb):
+    vlab[v] = xl[k]
+  al, bl = [None] * t.a.ndim, [None] * t.b.ndim
+  al[-1] = bl[t.nl] = "r"
+  for v, (kind, _) in enumerate(t.axes):
+    if kind in "li":
+      al[t.a_axis(v)] = vlab[v]
+    if kind in "lo":
+      bl[t.b_axis(v)] = vlab[v]
+  dt = t.dtype
+  a, b = t.a.astype(dt), t.b.astype(dt)
+  f1, l1, f2, l2 = (a, al, b, bl) if first == "i" else (b, bl, a, al)
+  contract = [xl[k] for k in xc]
+  batch = [xl[k] for k in xb]
+  prec = eqn.params.get("precision")
+  tmp, tl = _dot_by_labels(x, xl, f1, l1, contract, batch, prec, jnp.float32)
+  # Leading axes left free ride along as batch axes of the second product.
+  batch2 = [c for c in tl if c != "r" and c in l2]
+  out, ol = _dot_by_labels(tmp.astype(dt), tl, f2, l2, ["r"], batch2, prec, jnp.float32)
+  # The original op's output order: batch, lhs free, rhs free.
+  skip = set(contract) | set(batch)
+  xfree = [c for c in xl if c not in skip]
+  tfree = [vlab[v] for v in range(len(t.axes)) if vlab[v] not in skip]
+  want = batch + (tfree + xfree if t_is_lhs else xfree + tfree)
+  out = jnp.transpose(out, [ol.index(c) for c in want])
+  return out, None
+
+
+def _rule_dot(ctx, eqn, lhs, rhs):
+  if isinstance(lhs, _Tracked) and isinstance(rhs, _Tracked):
+    lhs = ctx.materialize(lhs, "dot_general", "both operands are adapted kernels")
+  t = lhs if isinstance(lhs, _Tracked) else rhs
+  delta, why = _factored_dot(ctx, eqn, lhs, rhs)
+  if delta is None:
+    w = ctx.materialize(t, "dot_general", why)
+    return _bind(eqn, [w if x is t else x for x in (lhs, rhs)])
+  base = _bind(eqn, [x.view_value() if isinstance(x, _Tracked) else x for x in (lhs, rhs)])
+  ctx.factored(t, "dot_general")
+  return base + (delta * t.scale).astype(base.dtype)
+
+
+def _rule_conv(ctx, eqn, x, t):
+  p = eqn.params
+  if not isinstance(t, _Tracked) or isinstance(x, _Tracked):
+    what = x if isinstance(x, _Tracked) else t
+    w = ctx.materialize(what, "conv_general_dilated", "the adapted kernel is the conv's input")
+    return _bind(eqn, [w if v is what else v for v in (x, t)])
+  dn = p["dimension_numbers"]
+  out_feat, out_spec = dn.rhs_spec[0], dn.out_spec
+  kinds = [k for k, _ in t.axes]
+  if (
+      kinds[out_feat] != "o"
+      or kinds.count("o") != 1
+      or "l" in kinds
+      or p["feature_group_count"] != 1
+      or p["batch_group_count"] != 1
+  ):
+    w = ctx.materialize(
+        t, "conv_general_dilated", "grouped conv, or fan-out is not the conv's output-feature axis"
+    )
+    return _bind(eqn, [x, w])
+  dt = t.dtype
+  # ``a`` laid out like the kernel view with the output-feature axis replaced by r.
+  order = [t.a_axis(v) if v != out_feat else t.a.ndim - 1 for v in range(len(t.axes))]
+  a_k = jnp.transpose(t.a.astype(dt), order)
+  tmp = lax.conv_general_dilated_p.bind(x, a_k, **dict(p, preferred_element_type=jnp.float32))
+  feat = out_spec[1]
+  delta = jnp.moveaxis(
+      lax.dot_general(jnp.moveaxis(tmp.astype(dt), feat, -1), t.b.astype(dt), (([tmp.ndim - 1], [0]), ([], [])),
+                      preferred_element_type=jnp.float32),
+      -1,
+      feat,
+  )
+  base = _bind(eqn, [x, t.view_value()])
+  ctx.factored(t, "conv_general_dilated")
+  return base + (delta * t.scale).astype(base.dtype)
+
+
+def _rule_gather(ctx, eqn, t, idx):
+  p = eqn.params
+  if isinstance(idx, _Tracked) or not isinstance(t, _Tracked):
+    what = idx if isinstance(idx, _Tracked) else t
+    w = ctx.materialize(what, "gather", "the adapted kernel is used as gather indices")
+    return _bind(eqn, [w if v is what else v for v in (t, idx)])
+  dn = p["dimension_numbers"]
+  kinds = [k for k, _ in t.axes]
+  touched = set(dn.collapsed_slice_dims) | set(dn.start_index_map) | set(getattr(dn, "operand_batching_dims", ()))
+  o_axes = [v for v, k in enumerate(kinds) if k == "o"]
+  if (
+      "l" in kinds
+      or len(o_axes) != 1
+      or o_axes[0] in touched
+      or p["slice_sizes"][o_axes[0]] != t.w.shape[o_axes[0]]
+  ):
+    w = ctx.materialize(t, "gather", "the lookup slices the fan-out axis or a leading axis")
+    return _bind(eqn, [w, idx])
+  ov = o_axes[0]
+  order = [t.a_axis(v) if v != ov else t.a.ndim - 1 for v in range(len(t.axes))]
+  a_k = jnp.transpose(t.a, order)
+  sizes = list(p["slice_sizes"])
+  sizes[ov] = t.a.shape[-1]
+  params = dict(p, slice_sizes=tuple(sizes))
+  rows = lax.gather_p.bind(a_k, idx, **params)
+  # The r axis lands where the fan-out axis would: the offset dim of the kernel's axis ``ov``.
+  offset_axes = [v for v in range(len(t.axes)) if v not in dn.collapsed_slice_dims]
+  pos = dn.offset_dims[offset_axes.index(ov)]
+  dt = t.dtype
+  delta = lax.dot_general(
+      jnp.moveaxis(rows.astype(dt), pos, -1), t.b.astype(dt), (([rows.ndim - 1], [0]), ([], [])),
+      preferred_element_type=jnp.float32,
+  )
+  delta = jnp.moveaxis(delta, -1, pos)
+  base = _bind(eqn, [t.view_value(), idx])
+  ctx.factored(t, "gather")
+  return base + (delta * t.scale).astype(base.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Higher-order primitives
+# ----------------------------------------------------------------------------------------------
+
+
+def _rule_inline(ctx, eqn, *invals):
+  """Nested jit / closed_call / pjit: evaluate the inner jaxpr in place."""
+  closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  if isinstance(closed, jex.Jaxpr):
+    return _eval(ctx, closed, (), invals)
+  return _eval(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _rule_checkpoint(ctx, eqn, *invals):
+  p = eqn.params
+  jaxpr = p["jaxpr"]
+  consts = ()
+  if not isinstance(jaxpr, jex.Jaxpr):
+    jaxpr, consts = jaxpr.jaxpr, jaxpr.consts
+
+  def body(*args):
+    return _finalize(ctx, _eval(ctx, jaxpr, consts, args))
+
+  fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
+  return fn(*invals)
+
+
+def _rule_cond(ctx, eqn, index, *ops):
+  branches = eqn.params["branches"]
+
+  def make(br):
+    return lambda *args: _finalize(ctx, _eval(ctx, br.jaxpr, br.consts, args))
+
+  return lax.switch(index, [make(br) for br in branches], *ops)
+
+
+def _rule_scan(ctx, eqn, *invals):
+  p = eqn.params
+  nc, ncar = p["num_consts"], p["num_carry"]
+  closed = p["jaxpr"]
+  consts, init, xs = list(invals[:nc]), list(invals[nc : nc + ncar]), list(invals[nc + ncar :])
+  init = [ctx.materialize(v, "scan", "the kernel is a scan carry") if isinstance(v, _Tracked) else v for v in init]
+  # A tracked kernel scanned over its axis 0: the factor(s) holding that axis are scanned,
+  # the other factor rides along as a constant.
+  xs_plain, xs_meta = [], []
+  for v in xs:
+    if not isinstance(v, _Tracked):
+      xs_plain.append(v)
+      xs_meta.append(None)
+      continue
+    kind, j = v.axes[0]
+    a = jnp.moveaxis(v.a, v.a_axis(0), 0) if kind in "li" else v.a
+    b = jnp.moveaxis(v.b, v.b_axis(0), 0) if kind in "lo" else v.b
+    xs_plain.append((v.w, a if kind in "li" else None, b if kind in "lo" else None))
+    xs_meta.append((v, a if kind not in "li" else None, b if kind not in "lo" else None))
+
+  def body(carry, x_slices):
+    rebuilt = []
+    for meta, xv in zip(xs_meta, x_slices):
+      if meta is None:
+        rebuilt.append(xv)
+        continue
+      v, a_const, b_const = meta
+      w, a, b = xv
+      sliced = _drop_axes(
+          v.replace(
+              a=jnp.expand_dims(a, v.a_axis(0)) if a is not None else a_const,
+              b=jnp.expand_dims(b, v.b_axis(0)) if b is not None else b_const,
+          ),
+          [0],
+      )
+      # _drop_axes squeezed the scanned axis; the constant factor keeps its full axis only
+      # when the scanned axis is not one of its own, which is the case by construction.
+      rebuilt.append(sliced.replace(w=w))
+    outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *rebuilt])
+    outs = _finalize(ctx, outs)
+    return outs[:ncar], outs[ncar:]
+
+  carry, ys = lax.scan(
+      body, init, xs_plain, length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1)
+  )
+  return [*carry, *ys]
+
+
+def _rule_custom(ctx, eqn, *invals):
+  reason = "the kernel enters a function with a custom derivative rule"
+  invals = [ctx.materialize(v, eqn.primitive.name, reason) if isinstance(v, _Tracked) else v for v in invals]
+  return _bind(eqn, invals)
+
+
+_HIGHER = {
+    "pjit": _rule_inline,
+    "jit": _rule_inline,
+    "closed_call": _rule_inline,
+    "core_call": _rule_inline,
+    "remat2": _rule_checkpoint,
+    "checkpoint": _rule_checkpoint,
+    "remat": _rule_checkpoint,
+    "cond": _rule_cond,
+    "scan": _rule_scan,
+}
+
+_CONSUMERS = {
+    "dot_general": _rule_dot,
+    "conv_general_dilated": _rule_conv,
+    "gather": _rule_gather,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+def _bind(eqn, invals):
+  prim = eqn.primitive
+  got = prim.get_bind_params(eqn.params)
+  subfuns, params = got if isinstance(got, tuple) else ((), got)  # JAX < 0.7 returned a pair
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+  if ctx is None:
+    return prim.bind(*subfuns, *invals, **params)
+  with ctx:
+    return prim.bind(*subfuns, *invals, **params)
+
+
+def _finalize(ctx, outs):
+  return [ctx.materialize(v, "output", "the kernel itself is returned") if isinstance(v, _Tracked) else v for v in outs]
+
+
+def _eval(ctx: _Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.Literal) else env[v]
+
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if not any(isinstance(x, _Tracked) for x in invals):
+      out = _bind(eqn, invals)
+    else:
+      out = _apply_rule(ctx, eqn, name, invals)
+    outs = out if eqn.primitive.multiple_results else [out]
+    for v, x in zip(eqn.outvars, outs):
+      if not isinstance(v, jex.DropVar):
+        env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _apply_rule(ctx, eqn, name, invals):
+  if name in _STRUCTURAL and isinstance(invals[0], _Tracked) and len(invals) == 1:
+    out = _STRUCTURAL[name](ctx, eqn, invals[0])
+    if out is not None:
+      return out
+    return _bind(eqn, [ctx.materialize(invals[0], name, f"`{name}` reshapes the kernel across factor axes")])
+  if name == "dynamic_slice" and isinstance(invals[0], _Tracked) and not any(
+      isinstance(x, _Tracked) for x in invals[1:]
+  ):
+    return _rule_dynamic_slice(ctx, eqn, invals[0], *invals[1:])
+  if name in _CONSUMERS:
+    return _CONSUMERS[name](ctx, eqn, *invals)
+  if name in _HIGHER:
+    return _HIGHER[name](ctx, eqn, *invals)
+  if name.startswith("custom_jvp") or name.startswith("custom_vjp"):
+    return _rule_custom(ctx, eqn, *invals)
+  reason = f"no factored rule for `{name}`"
+  return _bind(eqn, [ctx.materialize(x, name, reason) if isinstance(x, _Tracked) else x for x in invals])
+
+
+# ----------------------------------------------------------------------------------------------
+# API
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_dynamic(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
+  """Traces ``apply_fn`` at these shapes and evaluates it with the factored rules."""
+  rows = check_adapters(params, adapters)
+  ptree = jtu.tree_structure(params)
+  leaves = [leaf for _, leaf, _ in rows]
+
+  def flat_fn(leaves, dyn):
+    args, kwargs = _join(static, dyn)
+    return apply_fn(jtu.tree_unflatten(ptree, leaves), *args, **kwargs)
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
+  ctx = _Ctx(fallback)
+  inputs = list(leaves) + list(jax.tree.leaves(dyn))
+  for i, (path, leaf, f) in enumerate(rows):
+    if f is not None:
+      counters = {"l": 0, "i": 0, "o": 0}
+      axes = []
+      for c in f.layout:
+        axes.append((c, counters[c]))
+        counters[c] += 1
+      inputs[i] = _Tracked(leaf, f.a, f.b, tuple(axes), f.scale, leaf.dtype, path)
+  outs = _finalize(ctx, _eval(ctx, closed.jaxpr, closed.consts, inputs))
+  report = Report([p for p, _, f in rows if f is not None], ctx.uses)
+  return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs), report
+
+
+def _warn(report: Report) -> None:
+  for p in report.unused:
+    warnings.warn(
+        f"{p!r} has adapters but the wrapped function never reads this kernel; its factors "
+        "get no gradient. Check the spec's targets.",
+        LoraFallbackWarning,
+        stacklevel=4,
+    )
+  for u in report.fallbacks:
+    warnings.warn(
+        f"{u.path!r}: materialised W + scale*a@b for a `{u.primitive}` ({u.reason}). Results are "
+        "exact; only the memory/speed benefit is lost for this use. lora_jax.explain() lists all uses.",
+        LoraFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def wrap(
+    apply_fn: Callable[..., Any], *, mode: str = "factored", fallback: str = "warn"
+) -> Callable[..., Any]:
+  """Makes the targeted kernels of ``apply_fn`` act as ``W + scale * a @ b``.
+
+  Returns ``lora_apply(params, adapters, *args, **kwargs)``, equal to
+  ``apply_fn(lora_jax.merge(params, adapters), *args, **kwargs)``. ``params`` is the first
+  argument of ``apply_fn`` (linen: ``{'params': ...}`` variables; NNX: see :func:`from_nnx`)
+  and ``adapters`` mirrors it (from :func:`lora_jax.init`). ``lora_apply`` is jitted (array
+  arguments are traced, all other arguments are static) and composes with ``jax.grad``,
+  ``jax.vmap``, ``jax.checkpoint`` and an outer ``jax.jit``.
+
+  Args:
+    apply_fn: any function whose first argument is a params pytree.
+    mode: ``"factored"`` rewrites each matmul / conv / embedding lookup that consumes an
+      adapted kernel into ``op(x, W) + scale * op(op(x, a), b)``: the full-size update is
+      never formed, forward or backward. ``"merged"`` computes
+      ``apply_fn(merge(params, adapters), ...)``: the reference.
+    fallback: what to do when a use of an adapted kernel cannot be factored (an unknown op,
+      a kernel returned as an output, ...): ``"warn"`` materialises ``W + scale*a@b`` for
+      that use only and warns (:class:`LoraFallbackWarning`), ``"allow"`` does so silently,
+      ``"error"`` raises :class:`LoraFallbackError`. Results are exact in every case.
+
+  >>> import flax.linen as nn
+  >>> model = nn.Dense(3)
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+  >>> from lora_jax import LoraSpec, init
+  >>> adapters = init(jax.random.key(1), variables, LoraSpec("params/kernel", rank=2))
+  >>> y = wrap(model.apply)(variables, adapters, jnp.ones((2, 4)))
+  >>> bool(jnp.allclose(y, model.apply(variables, jnp.ones((2, 4)))))  # b = 0 at init
+  True
   """
   if mode not in ("factored", "merged"):
     raise ValueError(f"wrap(mode={mode!r}): expected 'factored' or 'merged'.")
+  if fallback not in _FALLBACK_MODES:
+    raise ValueError(f"wrap(fallback={fallback!r}): expected one of {_FALLBACK_MODES}.")
+
+  def run(static, params, adapters, dyn):
+    if mode == "merged":
+      args, kwargs = _join(static, dyn)
+      return apply_fn(merge(params, adapters), *args, **kwargs)
+    out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn)
+    if fallback == "warn":
+      _warn(report)
+    return out
+
+  jitted = jax.jit(run, static_argnums=0)
 
   @functools.wraps(apply_fn)
   def lora_apply(params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Any:
-    return apply_fn(merge(params, adapters), *args, **kwargs)
+    check_adapters(params, adapters)
+    static, dyn = _split_static((args, kwargs))
+    try:
+      hash(static)
+    except TypeError:
+      return run(static, params, adapters, dyn)
+    return jitted(static, params, adapters, dyn)
 
   return lora_apply
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  treedef: Any
+  values: tuple
+
+  def __hash__(self):
+    return hash((self.treedef, self.values))
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self.treedef == other.treedef and _eq(self.values, other.values)
+
+
+def _eq(x, y):
+  try:
+    return bool(x == y)
+  except Exception:  # noqa: BLE001 - numpy-like values without a truth value
+    return x is y
+
+
+def _split_static(tree):
+  leaves, treedef = jtu.tree_flatten(tree)
+  static = tuple(None if _is_dynamic(x) else x for x in leaves)
+  dyn = [x if _is_dynamic(x) else None for x in leaves]
+  return _Static(treedef, static), dyn
+
+
+def _join(static: _Static, dyn):
+  leaves = [d if d is not None else s for s, d in zip(static.values, dyn)]
+  return jtu.tree_unflatten(static.treedef, leaves)
+
+
+def explain(apply_fn: Callable[..., Any], params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Report:
+  """Traces ``wrap(apply_fn)(params, adapters, *args, **kwargs)`` and reports, per adapted path,
+  each use of the kernel: factored, or materialised and why; and adapted kernels never used.
+
+  >>> import flax.linen as nn
+  >>> from lora_jax import LoraSpec, init
+  >>> model = nn.Dense(3)
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+  >>> adapters = init(jax.random.key(1), variables, LoraSpec("params/kernel", rank=2))
+  >>> print(explain(model.apply, variables, adapters, jnp.ones((2, 4))))
+  path           use
+  params/kernel  dot_general: factored
+  1 factored use(s), 0 materialised, 0 unused
+  """
+  static, dyn = _split_static((args, kwargs))
+  dyn_abs = [None if d is None else jax.ShapeDtypeStruct(np.shape(d), d.dtype) for d in dyn]
+  box = {}
+
+  def go(params, adapters, dyn):
+    out, box["report"] = _trace_and_run(apply_fn, "allow", params, adapters, static, dyn)
+    return out
+
+  jax.eval_shape(go, params, adapters, dyn_abs)
+  return box["report"]
+
+
+def from_nnx(module: Any, *filters: Any, method: str | Callable[..., Any] = "__call__"):
+  """Turns an NNX module into ``(apply_fn, params, rest)`` for :func:`wrap`.
+
+  ``params`` is the ``nnx.Param`` state (or the state selected by ``filters``); ``rest`` is
+  everything else (batch stats, RNG state, ...). ``apply_fn(params, *args)`` rebuilds the
+  module with ``nnx.merge`` and calls ``method``; it is pure (state updates inside are
+  dropped). ``to_nnx(apply_fn, params)`` gives a module back, e.g. with merged params.
+
+  >>> from flax import nnx
+  >>> from lora_jax import LoraSpec, init, merge
+  >>> layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  >>> apply_fn, params, rest = from_nnx(layer)
+  >>> adapters = init(jax.random.key(1), params, LoraSpec("kernel", rank=2))
+  >>> wrap(apply_fn)(params, adapters, jnp.ones((2, 4))).shape
+  (2, 3)
+  """
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(module, *(filters or (nnx.Param,)), ...)
+
+  def apply_fn(params, *args, **kwargs):
+    m = nnx.merge(graphdef, params, rest)
+    fn = getattr(m, method) if isinstance(method, str) else functools.partial(method, m)
+    return fn(*args, **kwargs)
+
+  apply_fn.graphdef = graphdef  # type: ignore[attr-defined]
+  apply_fn.rest = rest  # type: ignore[attr-defined]
+  return apply_fn, params, rest
+
+
+def to_nnx(apply_fn: Callable[..., Any], params: PyTree) -> Any:
+  """The NNX module for ``params`` (e.g. ``merge(params, adapters)``), from :func:`from_nnx`'s
+  ``apply_fn``."""
+  from flax import nnx
+
+  return nnx.merge(apply_fn.graphdef, params, apply_fn.rest)

@@ -1,0 +1,425 @@
+"""wrap(): factored results and gradients equal the merged reference, for real Flax layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora_jax
+from lora_jax import LoraFactors, LoraSpec
+
+
+def randomize(adapters, seed=0, scale=0.1):
+  """Non-zero a and b (fresh init has b = 0, which would hide most bugs)."""
+  leaves, treedef = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  )
+
+
+def _close(x, y, dtype):
+  # Each leaf is compared relative to its own magnitude (sums reorder roundings):
+  # float32 keeps ~7 significant digits, bf16 ~3.
+  rel = 0.05 if dtype == jnp.bfloat16 else 2e-5
+  chex.assert_trees_all_equal_structs(x, y)
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=0, atol=rel * float(np.abs(b).max()) + 1e-5)
+
+
+def check_equivalent(apply_fn, params, spec, *args, dtype=jnp.float32, loss_arg=None, **kwargs):
+  """Factored == merged == apply_fn(merge(...)) for outputs and for gradients w.r.t. a and b."""
+  adapters = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  fact = jax.jit(lambda p, ad, *a: lora_jax.wrap(apply_fn)(p, ad, *a, **kwargs))
+  merged = jax.jit(lambda p, ad, *a: lora_jax.wrap(apply_fn, mode="merged")(p, ad, *a, **kwargs))
+  ref = jax.jit(lambda p, ad, *a: apply_fn(lora_jax.merge(p, ad), *a, **kwargs))
+  y_f, y_m, y_r = fact(params, adapters, *args), merged(params, adapters, *args), ref(params, adapters, *args)
+  _close(y_f, y_m, dtype)
+  _close(y_f, y_r, dtype)
+
+  def loss(fn):
+    def f(ad):
+      out = fn(params, ad, *args)
+      out = (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+      probe = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+      return jnp.sum(out * probe) + 0.1 * jnp.sum(out**2)
+
+    return jax.jit(jax.grad(f))
+
+  g_f, g_m = loss(fact)(adapters), loss(merged)(adapters)
+  _close(g_f, g_m, dtype)
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_f)), "gradients are all zero"
+  report = lora_jax.explain(apply_fn, params, adapters, *args, **kwargs)
+  return adapters, report
+
+
+def all_factored(report):
+  assert not report.fallbacks, str(report)
+  assert not report.unused, str(report)
+  assert report.uses, str(report)
+
+
+X = jax.random.normal(jax.random.key(42), (3, 5, 8))
+
+
+def test_dense():
+  model = nn.Dense(6)
+  v = model.init(jax.random.key(0), X)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=3), X)
+  all_factored(rep)
+
+
+def test_dense_bf16():
+  model = nn.Dense(16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  x = X.astype(jnp.bfloat16)
+  v = model.init(jax.random.key(0), x)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=4), x, dtype=jnp.bfloat16)
+  all_factored(rep)
+  ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=4))
+  assert lora_jax.wrap(model.apply)(v, ad, x).dtype == jnp.bfloat16
+
+
+def test_dense_mixed_precision():
+  model = nn.Dense(16, dtype=jnp.bfloat16)  # float32 params, bf16 compute (a convert on W)
+  v = model.init(jax.random.key(0), X)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=4), X, dtype=jnp.bfloat16)
+  all_factored(rep)
+
+
+@pytest.mark.parametrize(
+    "features,axis,layout",
+    [((4, 3), -1, "ioo"), (6, (-2, -1), "iio"), ((2, 3), (-2, -1), "iioo")],
+)
+def test_dense_general(features, axis, layout):
+  model = nn.DenseGeneral(features, axis=axis)
+  x = jax.random.normal(jax.random.key(3), (2, 5, 4, 2))
+  v = model.init(jax.random.key(0), x)
+  spec = LoraSpec("params/kernel", rank=2, layout={"params/kernel": layout})
+  _, rep = check_equivalent(model.apply, v, spec, x)
+  all_factored(rep)
+
+
+def test_einsum():
+  model = nn.Einsum((8, 4, 6), "bti,ihd->bthd")
+  v = model.init(jax.random.key(0), X)
+  spec = LoraSpec("params/kernel", rank=3, layout={"kernel": "ioo"})
+  _, rep = check_equivalent(model.apply, v, spec, X)
+  all_factored(rep)
+
+
+@pytest.mark.parametrize(
+    "kernel,strides,shape",
+    [((3,), 1, (2, 9, 4)), ((3,), 2, (2, 9, 4)), ((3, 3), (2, 1), (2, 7, 6, 4)), ((1, 1), 1, (2, 5, 5, 4))],
+)
+def test_conv(kernel, strides, shape):
+  model = nn.Conv(5, kernel, strides=strides, padding="SAME")
+  x = jax.random.normal(jax.random.key(3), shape)
+  v = model.init(jax.random.key(0), x)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=2), x)
+  all_factored(rep)
+
+
+def test_embed_lookup_and_tied_head():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      emb = nn.Embed(11, 6)
+      h = nn.Dense(6)(emb(ids))
+      return emb.attend(h)
+
+  ids = jnp.array([[1, 2, 3, 10], [0, 5, 5, 7]])
+  model = Tied()
+  v = model.init(jax.random.key(0), ids)
+  _, rep = check_equivalent(model.apply, v, LoraSpec(["Embed_0", "Dense_0"], rank=3), ids)
+  uses = {u.primitive: u.factored for u in rep.for_path("params/Embed_0/embedding")}
+  # Lookup (gather of rows of a) and tied head (x contracted with b, then a) are both factored.
+  assert uses == {"gather": True, "dot_general": True}, str(rep)
+  all_factored(rep)
+
+
+def test_fallback_is_exact_and_reported():
+  def fn(params, x):  # the kernel meets an elementwise op: no factored form exists
+    w = params["w"] * params["mask"]
+    return x @ w
+
+  params = {"w": jax.random.normal(jax.random.key(0), (4, 5)), "mask": jnp.tril(jnp.ones((4, 5)))}
+  x = jnp.ones((2, 4))
+  spec = LoraSpec("w", rank=2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", lora_jax.LoraFallbackWarning)
+    _, rep = check_equivalent(fn, params, spec, x)
+  (use,) = rep.for_path("w")
+  assert not use.factored and use.primitive == "mul" and "mul" in use.reason
+  assert "MATERIALISED" in str(rep)
+  ad = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  with pytest.warns(lora_jax.LoraFallbackWarning, match="'w': materialised .* `mul`"):
+    lora_jax.wrap(fn)(params, ad, x)
+  with pytest.raises(lora_jax.LoraFallbackError, match="'w': the kernel meets `mul`"):
+    lora_jax.wrap(fn, fallback="error")(params, ad, x)
+
+
+def test_unused_adapter_is_reported():
+  def fn(params, x):
+    return x @ params["used"]
+
+  params = {"used": jnp.ones((4, 4)), "unused": jnp.ones((4, 4))}
+  ad = lora_jax.init(jax.random.key(1), params, LoraSpec("used|unused", rank=2))
+  rep = lora_jax.explain(fn, params, ad, jnp.ones((1, 4)))
+  assert rep.unused == ["unused"]
+  with pytest.warns(lora_jax.LoraFallbackWarning, match="'unused' has adapters but the wrapped function never reads"):
+    lora_jax.wrap(fn)(params, ad, jnp.ones((1, 4)))
+
+
+class Block(nn.Module):
+  d: int = 8
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    h = nn.LayerNorm()(x)
+    q = nn.DenseGeneral((self.heads, self.d // self.heads), name="query")(h)
+    k = nn.DenseGeneral((self.heads, self.d // self.heads), name="key")(h)
+    v = nn.DenseGeneral((self.heads, self.d // self.heads), name="value")(h)
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+    x = x + nn.DenseGeneral(self.d, axis=(-2, -1), name="out")(o)
+    h = nn.LayerNorm()(x)
+    x = x + nn.Dense(self.d, name="down")(nn.gelu(nn.Dense(2 * self.d, name="up")(h)))
+    return x, None
+
+
+ATTN_LAYOUT = {"query|key|value": "ioo", "out": "iio"}
+
+
+def test_transformer_block():
+  model = Block()
+  v = model.init(jax.random.key(0), X)
+  spec = LoraSpec(["query", "key", "value", "out", "up", "down"], rank=2, layout={f"(.*/)?({k})/kernel": l for k, l in ATTN_LAYOUT.items()})
+  _, rep = check_equivalent(lambda p, x: model.apply(p, x)[0], v, spec, X)
+  all_factored(rep)
+
+
+class Stack(nn.Module):
+  n: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(
+        nn.remat(Block),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.n,
+    )
+    x, _ = blocks(name="layers")(x, None)
+    return nn.Dense(3, name="head")(x)
+
+
+STACK_LAYOUT = {"layers/(query|key|value)/kernel": "lioo", "layers/out/kernel": "liio", "layers/.*": "lio"}
+
+
+def test_scanned_remat_stack():
+  model = Stack()
+  v = model.init(jax.random.key(0), X)
+  spec = LoraSpec("all-linear", rank=2, layout=STACK_LAYOUT)
+  ad, rep = check_equivalent(model.apply, v, spec, X)
+  assert ad["params"]["layers"]["query"]["kernel"].a.shape == (4, 8, 2)
+  assert ad["params"]["layers"]["query"]["kernel"].b.shape == (4, 2, 2, 4)
+  all_factored(rep)
+
+
+def test_scanned_stack_with_shared_factor_axis():
+  # Default layout 'iio' on a stacked (L, in, out) kernel: the scanned axis is a fan-in axis
+  # of ``a`` and ``b`` is shared across layers. Unusual, but it must stay exact.
+  model = Stack(n=3)
+  v = model.init(jax.random.key(0), X)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/layers/up/kernel", rank=2), X)
+  all_factored(rep)
+
+
+def test_nnx_model():
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(8, 16, rngs=rngs)
+      self.down = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.down(jax.nn.relu(self.up(x)))
+
+  apply_fn, params, _ = lora_jax.from_nnx(MLP(nnx.Rngs(0)))
+  ad, rep = check_equivalent(apply_fn, params, LoraSpec(["up", "down"], rank=3), X)
+  all_factored(rep)
+  merged_module = lora_jax.to_nnx(apply_fn, lora_jax.merge(params, ad))
+  chex.assert_trees_all_close(merged_module(X), lora_jax.wrap(apply_fn)(params, ad, X), atol=1e-5)
+
+
+def test_plain_jax_function_with_jit_cond_and_transposed_use():
+  inner = jax.jit(lambda x, w: jnp.tanh(x @ w))
+
+  def fn(p, x, flag):
+    h = inner(x, p["w1"])
+    h = jax.lax.cond(flag, lambda h: h @ p["w2"], lambda h: -(h @ p["w2"]), h)
+    return jnp.einsum("...o,io->...i", h, p["w1"])  # w1 used transposed: contracts fan-out
+
+  params = {"w1": jax.random.normal(jax.random.key(0), (8, 6)), "w2": jax.random.normal(jax.random.key(1), (6, 6))}
+  for flag in (True, False):
+    _, rep = check_equivalent(fn, params, LoraSpec("w1|w2", rank=2), X, jnp.asarray(flag))
+    all_factored(rep)
+
+
+def test_linen_mutable_and_rngs():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.Dense(8)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+      return nn.Dense(2)(x)
+
+  model = Net()
+  v = model.init(jax.random.key(0), X, train=False)
+  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec(["Dense_0", "Dense_1"], rank=2)))
+  rngs = {"dropout": jax.random.key(7)}
+  out, upd = lora_jax.wrap(model.apply)(v, ad, X, train=True, mutable=["batch_stats"], rngs=rngs)
+  ref, ref_upd = model.apply(lora_jax.merge(v, ad), X, train=True, mutable=["batch_stats"], rngs=rngs)
+  chex.assert_trees_all_close(out, ref, atol=1e-5)
+  chex.assert_trees_all_close(upd, ref_upd, atol=1e-5)
+  chex.assert_trees_all_close(
+      lora_jax.wrap(model.apply)(v, ad, X, train=False), model.apply(lora_jax.merge(v, ad), X, train=False), atol=1e-5
+  )
+
+
+def test_vmap_checkpoint_and_outer_jit():
+  model = nn.Dense(4)
+  v = model.init(jax.random.key(0), X)
+  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=2)))
+  f = lora_jax.wrap(model.apply)
+  ref = model.apply(lora_jax.merge(v, ad), X)
+  chex.assert_trees_all_close(jax.vmap(f, in_axes=(None, None, 0))(v, ad, X), ref, atol=1e-5)
+  chex.assert_trees_all_close(jax.jit(jax.checkpoint(f))(v, ad, X), ref, atol=1e-5)
+  # vmap over adapters: a batch of adapters on one base model.
+  ads = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), ad)
+  ys = jax.vmap(f, in_axes=(None, 0, None))(v, ads, X)
+  ad2 = jax.tree.map(lambda x: 2 * x, ad)
+  chex.assert_trees_all_close(ys[1], model.apply(lora_jax.merge(v, ad2), X), atol=1e-5)
+
+
+def test_no_retrace_on_repeated_calls():
+  traces = []
+
+  def fn(p, x):
+    traces.append(1)
+    return x @ p["w"]
+
+  params = {"w": jnp.ones((8, 4))}
+  ad = lora_jax.init(jax.random.key(1), params, LoraSpec("w", rank=2))
+  f = lora_jax.wrap(fn)
+  for _ in range(3):
+    f(params, ad, X)
+  n = len(traces)
+  f(params, ad, X + 1)
+  assert len(traces) == n
+  f(params, ad, X[:1])  # new shape: one new trace
+  assert len(traces) > n
+
+
+def test_base_params_are_arguments_not_constants():
+  model = nn.Dense(4)
+  v = model.init(jax.random.key(0), X)
+  ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=2))
+  jaxpr = jax.make_jaxpr(lora_jax.wrap(model.apply))(v, ad, X)
+  big = [c for c in jaxpr.consts if np.size(c) >= 8 * 4]
+  assert not big
+
+
+def _derived_shapes(jaxpr, tainted):
+  """Shapes of every value computed from a tainted input, recursing into sub-jaxprs."""
+  shapes = []
+  tainted = set(tainted)
+  for eqn in jaxpr.eqns:
+    ins = [v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)]
+    if any(v in tainted for v in ins):
+      for sub in jax.extend.core.subjaxprs(jaxpr) if False else []:
+        pass
+      for p in eqn.params.values():
+        for j in p if isinstance(p, (tuple, list)) else [p]:
+          inner = getattr(j, "jaxpr", j)
+          if isinstance(inner, jax.extend.core.Jaxpr):
+            shapes += _derived_shapes(inner, inner.invars)
+      for v in eqn.outvars:
+        tainted.add(v)
+        shapes.append(tuple(v.aval.shape))
+  return shapes
+
+
+@pytest.mark.parametrize("which", ["dense", "block"])
+def test_gradient_never_forms_full_kernel(which):
+  if which == "dense":
+    model, spec, x = nn.Dense(24), LoraSpec("params/kernel", rank=2), jax.random.normal(jax.random.key(0), (3, 5, 16))
+    forbidden = {(16, 24), (24, 16)}
+    fn = model.apply
+  else:
+    model = Block(d=16, heads=2)
+    spec = LoraSpec(["up", "down"], rank=2)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+    forbidden = {(16, 32), (32, 16)}
+    fn = lambda p, x: model.apply(p, x)[0]  # noqa: E731
+  v = model.init(jax.random.key(1), x)
+  ad = lora_jax.init(jax.random.key(2), v, spec)
+
+  def loss(ad, f):
+    return jnp.sum(f(v, ad, x) ** 2)
+
+  for f, should_form in ((lora_jax.wrap(fn), False), (lora_jax.wrap(fn, mode="merged"), True)):
+    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(ad, f)
+    ad_vars = jaxpr.jaxpr.invars  # the adapter leaves
+    shapes = set(_derived_shapes(jaxpr.jaxpr, ad_vars))
+    assert bool(shapes & forbidden) == should_form, (shapes & forbidden, should_form)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    d_in=st.integers(1, 7),
+    d_out=st.integers(1, 7),
+    extra=st.integers(1, 3),
+    rank=st.integers(1, 3),
+    batch=st.integers(1, 3),
+)
+def test_hypothesis_dense_general(d_in, d_out, extra, rank, batch):
+  rank = min(rank, d_in, d_out * extra)
+  model = nn.DenseGeneral((d_out, extra))
+  x = jax.random.normal(jax.random.key(d_in), (batch, d_in))
+  v = model.init(jax.random.key(0), x)
+  spec = LoraSpec("params/kernel", rank=rank, layout={"kernel": "ioo"})
+  ad = randomize(lora_jax.init(jax.random.key(1), v, spec))
+  y = lora_jax.wrap(model.apply)(v, ad, x)
+  # Independent float64 reference: x @ (W + scale a@b).
+  w = np.asarray(v["params"]["kernel"], np.float64)
+  f: LoraFactors = ad["params"]["kernel"]
+  delta = np.einsum("ir,rjk->ijk", np.asarray(f.a, np.float64), np.asarray(f.b, np.float64)) * f.scale
+  ref = np.einsum("bi,ijk->bjk", np.asarray(x, np.float64), w + delta) + np.asarray(v["params"]["bias"], np.float64)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs():
+  params = {"w": jnp.ones((4, 4))}
+  ad = lora_jax.init(jax.random.key(1), params, LoraSpec("w", rank=2))
+  f = lora_jax.wrap(lambda p, x: x @ p["w"])
+  with pytest.raises(ValueError, match="adapters have 'v', which params lack"):
+    f(params, {"v": ad["w"]}, jnp.ones((1, 4)))
+  bad = {"w": LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), 1.0, "io")}
+  with pytest.raises(ValueError, match=r"'w': kernel \(4, 4\) .* expects factors a\(4, 2\)"):
+    f(params, bad, jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match="wrap\\(mode='fast'\\)"):
+    lora_jax.wrap(lambda p: p, mode="fast")
+  with pytest.raises(ValueError, match="wrap\\(fallback='never'\\)"):
+    lora_jax.wrap(lambda p: p, fallback="never")

@@ -423,3 +423,27 @@ def test_bad_inputs():
     lora_jax.wrap(lambda p: p, mode="fast")
   with pytest.raises(ValueError, match="wrap\\(fallback='never'\\)"):
     lora_jax.wrap(lambda p: p, fallback="never")
+
+
+def test_infer_layout_reads_real_models():
+  v = Stack().init(jax.random.key(0), X)
+  got = lora_jax.infer_layout(Stack().apply, v, X)
+  assert got["params/layers/query/kernel"] == "lioo"
+  assert got["params/layers/out/kernel"] == "liio"
+  assert got["params/layers/up/kernel"] == "lio"
+  assert got["params/head/kernel"] == "io"
+  # Plugged into the spec, it gives per-layer factors and an all-factored transform.
+  spec = LoraSpec("all-linear", rank=2, layout=got)
+  _, rep = check_equivalent(Stack().apply, v, spec, X)
+  all_factored(rep)
+
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      emb = nn.Embed(11, 6)
+      return emb.attend(nn.Conv(6, (3,))(emb(ids)))
+
+  ids = jnp.array([[1, 2, 3, 10]])
+  v = Tied().init(jax.random.key(0), ids)
+  got = lora_jax.infer_layout(Tied().apply, v, ids)
+  assert got == {"params/Embed_0/embedding": "io", "params/Conv_0/kernel": "iio"}

@@ -84,6 +84,13 @@ class LoraSpec:
   def __post_init__(self):
     if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
       raise ValueError(f"LoraSpec(rank={self.rank!r}): rank must be a positive integer.")
+    for name in ("rank_pattern", "alpha_pattern", "layout"):
+      _check_pattern_keys(name, getattr(self, name))
+    for key, r in (self.rank_pattern or {}).items():
+      if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+        raise ValueError(
+            f"LoraSpec(rank_pattern={{{key!r}: {r!r}}}): ranks must be positive integers."
+        )
     if isinstance(self.targets, str) or callable(self.targets):
       return
     if not isinstance(self.targets, Sequence) or not self.targets:
@@ -129,11 +136,18 @@ class LoraSpec:
       )
       limit = min(target.fan_in, target.fan_out)
       if target.rank > limit:
+        hint = (
+            " If this kernel's axes split differently into fan-in and fan-out (e.g. a "
+            "DenseGeneral query kernel (embed, heads, head_dim) is 'ioo'), pass "
+            f"layout={{{_module(path)!r}: ...}}."
+            if len(target.shape) > 2
+            else ""
+        )
         raise ValueError(
             f"{path!r}: rank {target.rank} exceeds min(fan_in, fan_out) = "
             f"min({target.fan_in}, {target.fan_out}) = {limit} for a kernel of shape "
             f"{target.shape} with layout {layout!r}. Use a smaller rank, or a rank_pattern "
-            f"entry for this path, e.g. rank_pattern={{{_module(path)!r}: {limit}}}."
+            f"entry for this path, e.g. rank_pattern={{{_module(path)!r}: {limit}}}.{hint}"
         )
       out.append(target)
     for name, pattern, used in (
@@ -147,6 +161,23 @@ class LoraSpec:
               f"{nearby(key, [t.path for t in out])}."
           )
     return out
+
+
+def _check_pattern_keys(name: str, pattern: Any) -> None:
+  if pattern is None or callable(pattern):
+    return
+  if not isinstance(pattern, Mapping):
+    raise TypeError(
+        f"LoraSpec({name}={pattern!r}): expected a mapping of regex -> value"
+        + (" or a callable (path, leaf) -> layout." if name == "layout" else ".")
+    )
+  for key in pattern:
+    if not isinstance(key, str):
+      raise TypeError(f"LoraSpec({name}=...): key {key!r} is not a regex string.")
+    try:
+      re.compile(key)
+    except re.error as e:
+      raise ValueError(f"LoraSpec({name}=...): key {key!r} is not a valid regex: {e}") from None
 
 
 def _module(path: str) -> str:
@@ -231,10 +262,16 @@ def _check_adaptable(path: str, leaf: Any) -> None:
         f"{path!r}: targeted kernel has dtype {dtype}; LoRA needs a floating-point kernel "
         "(quantised/integer kernels are not supported yet)."
     )
+  if path.split("/")[-1] == "bias":
+    raise ValueError(
+        f"{path!r}: targeted leaf is a bias of shape {tuple(shape)}; LoRA adapts kernels, not "
+        f"biases. Narrow the target so it selects '{_module(path)}/kernel' only."
+    )
   if len(shape) < 2:
     raise ValueError(
         f"{path!r}: targeted leaf has shape {tuple(shape)}; LoRA adapts kernels with at least "
-        f"2 axes. Did the target also select a bias? Target '{_module(path)}/kernel' instead."
+        f"2 axes. Did the target also select a norm scale or bias? Target "
+        f"'{_module(path)}/kernel' instead."
     )
 
 

@@ -1,0 +1,657 @@
+"""Hugging Face PEFT interop: export adapters to a PEFT LoRA directory, import one back.
+
+A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<torch module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
+``(out, r)`` (embeddings: ``lora_embedding_A`` ``(r, vocab)``, ``lora_embedding_B``
+``(dim, r)``). A Flax kernel is ``(in, out)``, so ``a = lora_A.weight.T`` and
+``b = lora_B.weight.T``; a kernel stacked by ``nn.scan`` (layout ``'lio'``) becomes one torch
+module per layer. A :class:`NameMap` says which torch module each Flax path is.
+
+Only plain LoRA on Linear and Embedding modules is supported; DoRA, LoRA biases, other PEFT
+methods and conv LoRA are refused with a message rather than imported wrongly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import re
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._paths import leaves_with_paths, nearby
+from lora_jax.adapters_node import LoraFactors
+from lora_jax.io import (
+    AdapterFileError,
+    _alpha,
+    _refuse_pickle,
+    _to_numpy,
+    _write_json,
+    adapters_to_tree,
+    flatten_adapters,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+)
+
+PyTree = Any
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLE = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_KINDS = {
+    "lora_A.weight": ("A", False),
+    "lora_B.weight": ("B", False),
+    "lora_embedding_A": ("A", True),
+    "lora_embedding_B": ("B", True),
+}
+_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Name maps.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+  """Maps Flax '/'-joined leaf paths to torch module names, by ``(regex, template)`` rules.
+
+  The first rule whose regex fullmatches the leaf path wins; the template is filled with the
+  regex's named groups (``'/'`` in a group becomes ``'.'``) and, for a kernel stacked by
+  ``nn.scan``, with ``{layer}``: the index along the kernel's ``'l'`` axis, one torch module
+  per layer. A path no rule matches has no torch counterpart (exporting an adapter there is
+  an error).
+
+  Args:
+    rules: ``(regex, template)`` pairs.
+    prefix: prepended to every torch name (e.g. ``"bert."`` for a
+      ``BertForSequenceClassification`` whose encoder is ``model.bert``).
+
+  >>> m = NameMap([(r"layers/(?P<module>.+)/kernel", "model.layers.{layer}.{module}")])
+  >>> m("layers/self_attn/q_proj/kernel", 3)
+  'model.layers.3.self_attn.q_proj'
+  >>> m("lm_head/kernel") is None
+  True
+  """
+
+  rules: Sequence[tuple[str, str]]
+  prefix: str = ""
+
+  def __post_init__(self):
+    rules = tuple((str(rx), str(t)) for rx, t in self.rules)
+    for rx, template in rules:
+      try:
+        re.compile(rx)
+      except re.error as e:
+        raise ValueError(f"NameMap rule {rx!r}: not a valid regex ({e}).") from None
+      names = set(re.findall(r"{(\w*)}", template)) - {"layer"}
+      missing = names - set(re.compile(rx).groupindex)
+      if missing:
+        raise ValueError(
+            f"NameMap rule ({rx!r}, {template!r}): the template uses {sorted(missing)} which the "
+            "regex does not capture; name them with (?P<name>...) groups."
+        )
+    object.__setattr__(self, "rules", rules)
+
+  def _rule(self, path: str) -> tuple[re.Match, str] | None:
+    for rx, template in self.rules:
+      m = re.fullmatch(rx, path)
+      if m:
+        return m, template
+    return None
+
+  def stacked(self, path: str) -> bool:
+    """Whether ``path`` maps to one torch module per layer (its template has ``{layer}``)."""
+    hit = self._rule(path)
+    return hit is not None and "{layer}" in hit[1]
+
+  def __call__(self, path: str, layer: int | None = None) -> str | None:
+    hit = self._rule(path)
+    if hit is None:
+      return None
+    m, template = hit
+    if ("{layer}" in template) != (layer is not None):
+      raise ValueError(
+          f"NameMap: {path!r} matches a rule with template {template!r}, which "
+          + ("needs a layer index: the kernel must be stacked (layout with 'l')." if layer is None
+             else "has no {layer}: the kernel must not be stacked.")
+      )
+    groups = {k: v.replace("/", ".") for k, v in m.groupdict().items() if v is not None}
+    return self.prefix + template.format(layer=layer, **groups)
+
+  def module_pattern(self, path: str) -> str | None:
+    """A regex for the torch names of ``path`` (all layers of a stacked kernel), for PEFT's
+    ``rank_pattern`` / ``alpha_pattern``; ``None`` if no rule matches."""
+    hit = self._rule(path)
+    if hit is None:
+      return None
+    m, template = hit
+    groups = {k: re.escape(v.replace("/", ".")) for k, v in m.groupdict().items() if v is not None}
+    pieces = re.split(r"({\w*})", template)
+    out = []
+    for piece in pieces:
+      if piece == "{layer}":
+        out.append(r"\d+")
+      elif re.fullmatch(r"{\w*}", piece):
+        out.append(groups[piece[1:-1]])
+      else:
+        out.append(re.escape(piece))
+    return re.escape(self.prefix) + "".join(out)
+
+  def with_prefix(self, prefix: str) -> "NameMap":
+    """The same rules with ``prefix`` before every torch name (e.g. ``"bert."``)."""
+    return NameMap(self.rules, prefix)
+
+
+_P = r"(?:params/)?"  # linen params may be passed with or without the "params" collection
+
+LLAMA = NameMap(
+    (
+        (_P + r"layers/(?P<module>.+)/kernel", "model.layers.{layer}.{module}"),
+        (_P + r"layers_(?P<i>\d+)/(?P<module>.+)/kernel", "model.layers.{i}.{module}"),
+        (_P + r"embed_tokens/embedding", "model.embed_tokens"),
+        (_P + r"lm_head/kernel", "lm_head"),
+    )
+)
+"""Name map for :mod:`lora_jax.models.llama` <-> ``transformers.LlamaForCausalLM``."""
+
+BERT = NameMap(
+    (
+        (_P + r"encoder/layer_(?P<i>\d+)/(?P<module>.+)/kernel", "encoder.layer.{i}.{module}"),
+        (_P + r"encoder/layer/(?P<module>.+)/kernel", "encoder.layer.{layer}.{module}"),
+        (_P + r"embeddings/(?P<module>\w+)/embedding", "embeddings.{module}"),
+        (_P + r"pooler/dense/kernel", "pooler.dense"),
+    )
+)
+"""Name map for :mod:`lora_jax.models.bert` <-> ``transformers.BertModel`` (PEFT keys of a bare
+``BertModel`` are ``base_model.model.encoder.layer.0...``); use ``BERT.with_prefix("bert.")``
+for ``BertForSequenceClassification`` and other heads that hold the encoder as ``.bert``."""
+
+NAME_MAPS: dict[str, NameMap] = {"llama": LLAMA, "bert": BERT}
+
+NameMapLike = Union[NameMap, str, Sequence[tuple[str, str]], Callable[..., Union[str, None]]]
+
+
+def _as_name_map(name_map: NameMapLike) -> Any:
+  if isinstance(name_map, NameMap):
+    return name_map
+  if isinstance(name_map, str):
+    if name_map not in NAME_MAPS:
+      raise ValueError(f"name_map={name_map!r}: known maps are {sorted(NAME_MAPS)}; or pass a NameMap.")
+    return NAME_MAPS[name_map]
+  if callable(name_map):
+    return name_map
+  if isinstance(name_map, Sequence):
+    return NameMap(name_map)
+  raise TypeError(
+      f"name_map: expected a NameMap, 'llama'/'bert', a list of (regex, template) rules, or a "
+      f"callable (path, layer) -> torch module name; got {type(name_map).__name__}."
+  )
+
+
+def _names(name_map: Any, path: str, n_layers: int | None) -> list[str] | None:
+  """Torch names of ``path``: one per layer when ``n_layers`` is given; None if unmapped."""
+  if n_layers is None:
+    name = name_map(path, None)
+    return None if name is None else [name]
+  names = [name_map(path, i) for i in range(n_layers)]
+  if any(n is None for n in names):
+    return None
+  if len(set(names)) != n_layers:
+    raise ValueError(
+        f"name map: the {n_layers} layers of stacked kernel {path!r} map to {len(set(names))} "
+        "distinct torch names; the name needs a {layer} placeholder."
+    )
+  return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Export.
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear_axes(path: str, f: LoraFactors) -> int:
+  """Number of stacked axes (0 or 1); refuses layouts that have no torch Linear equivalent."""
+  nl, ni, no = f.layout.count("l"), f.layout.count("i"), f.layout.count("o")
+  if nl > 1 or ni != 1 or no != 1:
+    raise ValueError(
+        f"{path!r}: layout {f.layout!r} has no PEFT equivalent: PEFT interop covers Linear and "
+        "Embedding kernels, i.e. one fan-in axis, one fan-out axis and at most one stacked "
+        "layer axis ('io' or 'lio'). Reshape multi-axis kernels (DenseGeneral, conv) to 2-D first."
+    )
+  return nl
+
+
+def _peft_key_match(keys: Iterable[str], name: str) -> str | None:
+  for key in keys:  # PEFT's get_pattern_key
+    if re.match(rf"(.*\.)?({key})$", name):
+      return key
+  return None
+
+
+def _patterns(modules: Mapping[str, tuple[Any, str | None]], default: Any) -> dict[str, Any]:
+  """rank_pattern / alpha_pattern entries: {regex: value} for modules whose value != default."""
+  out: dict[str, Any] = {}
+  for name, (value, group_rx) in modules.items():
+    if value == default:
+      continue
+    key = group_rx if group_rx is not None else re.escape(name)
+    out[key] = value
+  return out
+
+
+def _most_common(values: list[Any]) -> Any:
+  return collections.Counter(values).most_common(1)[0][0]
+
+
+def export_peft(
+    directory: str | os.PathLike,
+    adapters: PyTree,
+    name_map: NameMapLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    rslora: bool = False,
+    dtype: Any = None,
+) -> str:
+  """Writes adapters as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
+
+  Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata
+  ``{"format": "pt"}``), atomically, tensors first. ``r`` and ``lora_alpha`` are the most
+  common rank and alpha; modules that differ get ``rank_pattern`` / ``alpha_pattern`` entries
+  (one regex per stacked kernel), checked against PEFT's own matching before writing.
+  ``target_modules`` lists the full torch name of every adapted module, so PEFT adapts
+  exactly these.
+
+  Args:
+    directory: output directory (created if needed).
+    adapters: a tree from :func:`lora_jax.init` or a flat ``{path: LoraFactors}`` dict.
+    name_map: a :class:`NameMap`, ``"llama"`` / ``"bert"``, a list of ``(regex, template)``
+      rules, or a callable ``(path, layer) -> torch module name | None``.
+    base_model_name_or_path: recorded in the config (the hub id or path of the base model).
+    task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"FEATURE_EXTRACTION"``,
+      ``None``); PeftModel.from_pretrained builds the matching PeftModel class.
+    rslora: express scales as ``lora_alpha / sqrt(r)`` (``use_rslora=True``) instead of
+      ``lora_alpha / r``; either way PEFT's scale equals each adapter's ``scale``.
+    dtype: cast the tensors (default: keep them, usually float32).
+
+  Returns:
+    ``directory``.
+
+  Raises:
+    ValueError: an adapted path the name map does not cover, two paths mapping to one torch
+      module, or a layout with no Linear/Embedding equivalent.
+
+  >>> import tempfile, jax, lora_jax
+  >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 8))}}}}
+  >>> ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["up_proj"], rank=2))
+  >>> d = export_peft(tempfile.mkdtemp(), ad, "llama")
+  >>> sorted(read_safetensors(d + "/adapter_model.safetensors")[0])
+  ['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight', 'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight']
+  """
+  nm = _as_name_map(name_map)
+  flat = flatten_adapters(adapters)
+  if not flat:
+    raise ValueError("export_peft: the adapters hold no LoraFactors; nothing to export.")
+  tensors: dict[str, np.ndarray] = {}
+  ranks: dict[str, tuple[int, str | None]] = {}
+  alphas: dict[str, tuple[float, str | None]] = {}
+  owner: dict[str, str] = {}
+  for path, f in flat.items():
+    nl = _linear_axes(path, f)
+    a, b = _to_numpy(f.a), _to_numpy(f.b)
+    if dtype is not None:
+      a, b = a.astype(dtype), b.astype(dtype)
+    n_layers = a.shape[0] if nl else None
+    names = _names(nm, path, n_layers)
+    if names is None:
+      raise ValueError(
+          f"export_peft: no name-map rule gives a torch module for adapted path {path!r}. Add "
+          "a rule, e.g. NameMap([(r'...regex fullmatching the path...', 'torch.module.{layer}'), "
+          "...]), or drop this adapter."
+      )
+    group_rx = nm.module_pattern(path) if isinstance(nm, NameMap) else None
+    embedding = path.split("/")[-1] == "embedding"
+    kind_a, kind_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    alpha = _alpha(f.scale, f.rank, rslora)
+    for i, name in enumerate(names):
+      if name in owner:
+        raise ValueError(f"export_peft: {path!r} and {owner[name]!r} both map to torch module {name!r}.")
+      owner[name] = path
+      ai, bi = (a[i], b[i]) if nl else (a, b)
+      tensors[f"{_PREFIX}{name}.{kind_a}"] = np.ascontiguousarray(ai.T)
+      tensors[f"{_PREFIX}{name}.{kind_b}"] = np.ascontiguousarray(bi.T)
+      ranks[name] = (f.rank, group_rx)
+      alphas[name] = (alpha, group_rx)
+  r = _most_common([v for v, _ in ranks.values()])
+  alpha = _most_common([v for v, _ in alphas.values()])
+  rank_pattern = _patterns(ranks, r)
+  alpha_pattern = _patterns(alphas, alpha)
+  for name in owner:  # every module must resolve, under PEFT's rules, to its own r and alpha
+    rk, ak = _peft_key_match(rank_pattern, name), _peft_key_match(alpha_pattern, name)
+    got = (rank_pattern[rk] if rk else r, alpha_pattern[ak] if ak else alpha)
+    if got != (ranks[name][0], alphas[name][0]):
+      raise ValueError(
+          f"export_peft: PEFT would give {name!r} (r, alpha) = {got}, not "
+          f"{(ranks[name][0], alphas[name][0])}: the rank/alpha pattern keys overlap. Use a "
+          "name map whose torch names are not suffixes of one another."
+      )
+  config = {
+      "peft_type": "LORA",
+      "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": int(r),
+      "lora_alpha": alpha,
+      "lora_dropout": 0.0,
+      "target_modules": sorted(owner),
+      "use_rslora": bool(rslora),
+      "use_dora": False,
+      "fan_in_fan_out": False,
+      "bias": "none",
+      "lora_bias": False,
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "init_lora_weights": True,
+      "inference_mode": True,
+      "target_parameters": None,
+      "revision": None,
+  }
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  write_safetensors(os.path.join(directory, PEFT_WEIGHTS), tensors, {"format": "pt"})
+  _write_json(os.path.join(directory, PEFT_CONFIG), config)
+  return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Import.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftModule:
+  """One LoRA module of a PEFT file: torch name, kind, factors in PEFT layout, r, alpha, scale."""
+
+  name: str
+  embedding: bool
+  A: np.ndarray  # (r, in)
+  B: np.ndarray  # (out, r)
+  r: int
+  alpha: float
+  scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftAdapter:
+  """A validated PEFT LoRA directory: its config, modules and the keys that were ignored."""
+
+  config: dict[str, Any]
+  modules: dict[str, PeftModule]
+  ignored: tuple[str, ...]
+
+
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora=true)",
+    "lora_bias": "LoRA biases (lora_bias=true)",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+    "layer_replication": "layer replication",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora=true)",
+}
+
+
+def read_peft(directory: str | os.PathLike) -> PeftAdapter:
+  """Reads and validates a PEFT LoRA directory (never unpickling anything).
+
+  Raises:
+    FileNotFoundError: no ``adapter_config.json`` in ``directory``.
+    AdapterFileError: a ``.bin`` pickle only, a malformed config or tensor file, a method
+      other than plain LoRA (DoRA, LoRA bias, LoHa, ...), factor shapes that contradict the
+      config's ranks, or non-finite values.
+
+  >>> import tempfile, lora_jax
+  >>> f = LoraFactors(a=jnp.ones((4, 2)), b=jnp.ones((2, 3)), scale=0.5, layout="io")
+  >>> d = export_peft(tempfile.mkdtemp(), {"lm_head/kernel": f}, "llama")
+  >>> m = read_peft(d).modules["lm_head"]
+  >>> m.A.shape, m.B.shape, m.r, m.alpha, m.scale
+  ((2, 4), (3, 2), 2, 1.0, 0.5)
+  """
+  directory = os.fspath(directory)
+  cfg_path = os.path.join(directory, PEFT_CONFIG)
+  if not os.path.isfile(cfg_path):
+    subdirs = [d for d in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, d, PEFT_CONFIG))] if os.path.isdir(directory) else []
+    raise FileNotFoundError(
+        f"{directory}: no {PEFT_CONFIG}; not a PEFT adapter directory."
+        + (f" Named adapters found in sub-directories: {subdirs}." if subdirs else "")
+    )
+  weights = os.path.join(directory, PEFT_WEIGHTS)
+  if not os.path.exists(weights):
+    pickle = os.path.join(directory, PEFT_PICKLE)
+    if os.path.exists(pickle):
+      _refuse_pickle(pickle)
+    raise FileNotFoundError(f"{directory}: no {PEFT_WEIGHTS}.")
+  cfg = read_json(cfg_path)
+
+  def bad(what: str) -> AdapterFileError:
+    return AdapterFileError(f"{cfg_path}: {what}")
+
+  if cfg.get("peft_type") != "LORA":
+    raise bad(
+        f"peft_type is {cfg.get('peft_type')!r}; lora_jax imports plain LoRA adapters only "
+        "(peft_type 'LORA')."
+    )
+  for key, what in _UNSUPPORTED.items():
+    if cfg.get(key) not in (None, False, [], {}):
+      raise bad(f"{what} is not supported by lora_jax; merge it in PEFT (merge_and_unload) instead.")
+  r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+  rslora = cfg.get("use_rslora", False)
+  rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+    raise bad(f"r must be a positive integer, found {r!r}.")
+  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+    raise bad(f"lora_alpha must be a finite number, found {alpha!r}.")
+  if not isinstance(rslora, bool):
+    raise bad(f"use_rslora must be true or false, found {rslora!r}.")
+  for pname, pattern, ok in (
+      ("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+      ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+  ):
+    if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+      raise bad(f"{pname} must map regexes to {'positive integers' if pname == 'rank_pattern' else 'finite numbers'}.")
+    for key in pattern:
+      try:
+        re.compile(key)
+      except re.error as e:
+        raise bad(f"{pname} key {key!r} is not a valid regex ({e}).") from None
+
+  tensors, _, _ = read_safetensors(weights)
+  parts: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+  ignored = []
+  for key, value in tensors.items():
+    inner = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    m = _KEY.fullmatch(inner)
+    if m is None:
+      if "lora_magnitude_vector" in key:
+        raise AdapterFileError(f"{weights}: {key!r} is a DoRA magnitude; DoRA is not supported by lora_jax.")
+      if "lora_" in key:
+        raise AdapterFileError(
+            f"{weights}: {key!r} is a LoRA tensor lora_jax does not understand (LoRA bias, a "
+            "named adapter, or a newer PEFT feature); refusing a partial import."
+        )
+      ignored.append(key)
+      continue
+    which, embedding = _KINDS[m["kind"]]
+    slot = parts[m["module"]]
+    slot.setdefault("embedding", embedding)
+    if slot["embedding"] != embedding:
+      raise AdapterFileError(f"{weights}: module {m['module']!r} mixes Linear and Embedding LoRA keys.")
+    slot[which] = value
+  modules = {}
+  for name, slot in parts.items():
+    if "A" not in slot or "B" not in slot:
+      raise AdapterFileError(f"{weights}: module {name!r} has only lora_{'A' if 'A' in slot else 'B'}; both factors are needed.")
+    A, B = slot["A"], slot["B"]
+    if A.ndim != 2 or B.ndim != 2:
+      raise AdapterFileError(
+          f"{weights}: module {name!r} has factors of shapes {A.shape} and {B.shape}; only Linear "
+          "and Embedding LoRA (2-D factors) are supported, not conv LoRA."
+      )
+    if not (jnp.issubdtype(A.dtype, jnp.floating) and jnp.issubdtype(B.dtype, jnp.floating)):
+      raise AdapterFileError(f"{weights}: module {name!r} has non-float factors ({A.dtype}, {B.dtype}).")
+    rank = A.shape[0]
+    if B.shape[1] != rank:
+      raise AdapterFileError(f"{weights}: module {name!r}: lora_A has rank {rank} but lora_B {B.shape} has {B.shape[1]}.")
+    rk, ak = _peft_key_match(rank_pattern, name), _peft_key_match(alpha_pattern, name)
+    want_r = rank_pattern[rk] if rk else r
+    mod_alpha = float(alpha_pattern[ak] if ak else alpha)
+    if rank != want_r:
+      raise AdapterFileError(
+          f"{weights}: module {name!r} has rank {rank} but the config gives r={want_r} "
+          f"({'rank_pattern key ' + repr(rk) if rk else 'r'}); the pair is inconsistent."
+      )
+    for label, x in (("lora_A", A), ("lora_B", B)):
+      if not np.isfinite(x.astype(np.float32)).all():
+        raise AdapterFileError(f"{weights}: {name}.{label} holds NaN or Inf; refusing a non-finite adapter.")
+    scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
+    modules[name] = PeftModule(name, slot["embedding"], A, B, rank, mod_alpha, scale)
+  if not modules:
+    raise AdapterFileError(f"{weights}: holds no LoRA tensors (keys: {sorted(tensors)[:5]}).")
+  return PeftAdapter(cfg, dict(sorted(modules.items())), tuple(ignored))
+
+
+def import_peft(
+    directory: str | os.PathLike,
+    params: PyTree,
+    name_map: NameMapLike,
+    *,
+    dtype: Any = None,
+) -> PyTree:
+  """Reads a PEFT LoRA directory (as ``save_pretrained`` writes it) into lora_jax adapters.
+
+  Each torch module in the file is located in ``params`` through ``name_map``; per-layer
+  modules of a stacked kernel (a 3-D leaf whose rule has ``{layer}``) are stacked back into
+  one ``'lio'`` adapter, 2-D kernels get ``'io'``. The scale is PEFT's exactly:
+  ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``) with per-module ``r`` and alpha
+  from ``rank_pattern`` / ``alpha_pattern``. Keys that are not LoRA factors (``base_layer``
+  or ``modules_to_save`` weights, trainable tokens) are not imported: a ``UserWarning`` lists
+  them. Layers of a stack missing from the file get zero factors (an exact no-op), also
+  with a warning.
+
+  Args:
+    directory: the PEFT adapter directory.
+    params: the Flax params the adapters are for (arrays or ``jax.ShapeDtypeStruct`` s).
+    name_map: as for :func:`export_peft`.
+    dtype: cast the factors (default: keep the file's dtype, usually float32).
+
+  Returns:
+    Adapters mirroring ``params``.
+
+  Raises:
+    AdapterFileError: see :func:`read_peft`.
+    ValueError: a torch module the name map does not locate in ``params``, or factor shapes
+      that do not fit the kernel (names the module, expected vs found); never a partial result.
+
+  >>> import tempfile, jax, lora_jax
+  >>> params = {"lm_head": {"kernel": jnp.ones((4, 8))}}
+  >>> ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["lm_head"], rank=2))
+  >>> d = export_peft(tempfile.mkdtemp(), ad, "llama")
+  >>> import_peft(d, params, "llama")["lm_head"]["kernel"].scale
+  8.0
+  """
+  nm = _as_name_map(name_map)
+  adapter = read_peft(directory)
+  where: dict[str, tuple[str, int | None]] = {}
+  leaves = {}
+  for path, leaf in leaves_with_paths(params):
+    shape = getattr(leaf, "shape", None)
+    if shape is None or len(shape) not in (2, 3) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    stacked = nm.stacked(path) if isinstance(nm, NameMap) else len(shape) == 3
+    if stacked != (len(shape) == 3):
+      continue
+    try:
+      names = _names(nm, path, shape[0] if stacked else None)
+    except ValueError:
+      continue
+    for i, name in enumerate(names or []):
+      where[name] = (path, i if stacked else None)
+    leaves[path] = leaf
+  groups: dict[str, dict[int | None, PeftModule]] = collections.defaultdict(dict)
+  for name, mod in adapter.modules.items():
+    if name not in where:
+      raise ValueError(
+          f"import_peft: torch module {name!r} has no counterpart in params under this name "
+          f"map. Torch names the map produces near it: {nearby(name, list(where))}. Check the "
+          "name map (e.g. NameMap.with_prefix('bert.') for a model with a task head)."
+      )
+    path, layer = where[name]
+    groups[path][layer] = mod
+  flat: dict[str, LoraFactors] = {}
+  notes = []
+  for path, layers in groups.items():
+    leaf = leaves[path]
+    shape = tuple(leaf.shape)
+    kin, kout = shape[-2], shape[-1]
+    for layer, mod in layers.items():
+      if mod.A.shape[1] != kin or mod.B.shape[0] != kout:
+        raise ValueError(
+            f"import_peft: {mod.name!r} has lora_A {mod.A.shape} and lora_B {mod.B.shape}, but "
+            f"{path!r}{'' if layer is None else f'[{layer}]'} is a kernel (in={kin}, out={kout}): "
+            f"expected lora_A (r, {kin}) and lora_B ({kout}, r). Wrong name map or wrong model."
+        )
+    mods = list(layers.values())
+    if len({(m.r, m.scale) for m in mods}) != 1:
+      raise ValueError(
+          f"import_peft: the layers of stacked kernel {path!r} have different (r, scale): "
+          f"{sorted({(m.r, m.scale) for m in mods})}; a stacked adapter has one rank and scale. "
+          "Load the model with scan_layers=False (one kernel per layer) instead."
+      )
+    rank, scale = mods[0].r, mods[0].scale
+    out_dtype = dtype if dtype is not None else np.result_type(*[m.A.dtype for m in mods], *[m.B.dtype for m in mods])
+    if len(shape) == 2:
+      a, b = mods[0].A.T, mods[0].B.T
+      layout = "io"
+    else:
+      missing = [i for i in range(shape[0]) if i not in layers]
+      if missing:
+        notes.append(f"{path}: layers {missing} have no adapter in the file; their factors are zero")
+      a = np.zeros((shape[0], kin, rank), out_dtype)
+      b = np.zeros((shape[0], rank, kout), out_dtype)
+      for i, mod in layers.items():
+        a[i], b[i] = mod.A.T, mod.B.T
+      layout = "lio"
+    flat[path] = LoraFactors(
+        a=jnp.asarray(np.asarray(a).astype(out_dtype)),
+        b=jnp.asarray(np.asarray(b).astype(out_dtype)),
+        scale=float(scale),
+        layout=layout,
+    )
+  ordered = {p: flat[p] for p, _ in leaves_with_paths(params) if p in flat}
+  tree = adapters_to_tree(ordered, params)
+  if adapter.ignored:
+    notes.append(f"ignored non-LoRA keys (not imported): {list(adapter.ignored)}")
+  if notes:
+    warnings.warn(f"import_peft({os.fspath(directory)}): " + "; ".join(notes), UserWarning, stacklevel=2)
+  return tree
+
+
+__all__ = [
+    "BERT",
+    "LLAMA",
+    "NAME_MAPS",
+    "NameMap",
+    "PeftAdapter",
+    "PeftModule",
+    "export_peft",
+    "import_peft",
+    "read_peft",
+]

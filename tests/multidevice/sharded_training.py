@@ -1,0 +1,100 @@
+"""Run in its own process with 8 host devices (see tests/test_sharding.py)."""
+
+import os
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import lora_jax  # noqa: E402
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32, name="up")(x))
+    return nn.Dense(8, name="down")(x)
+
+
+def loss_fn(apply, params, adapters, x, y):
+  return jnp.mean((apply(params, adapters, x) - y) ** 2)
+
+
+def train(params, adapters, x, y, steps=5, pmap=False):
+  apply = lora_jax.wrap(MLP().apply)
+  tx = optax.adam(1e-2)
+  opt = tx.init(adapters)
+
+  def step(adapters, opt, x, y):
+    loss, g = jax.value_and_grad(lambda ad: loss_fn(apply, params, ad, x, y))(adapters)
+    if pmap:
+      g = jax.lax.pmean(g, "d")
+      loss = jax.lax.pmean(loss, "d")
+    upd, opt = tx.update(g, opt, adapters)
+    return optax.apply_updates(adapters, upd), opt, loss
+
+  if pmap:
+    n = jax.device_count()
+    rep = lambda t: jax.tree.map(lambda z: jnp.broadcast_to(z, (n, *z.shape)), t)  # noqa: E731
+    f = jax.pmap(step, axis_name="d")
+    adapters, opt = rep(adapters), rep(opt)
+    xs, ys = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
+    for _ in range(steps):
+      adapters, opt, loss = f(adapters, opt, xs, ys)
+    return jax.tree.map(lambda z: z[0], adapters), loss[0]
+  f = jax.jit(step)
+  for _ in range(steps):
+    adapters, opt, loss = f(adapters, opt, x, y)
+  return adapters, loss
+
+
+def main():
+  assert jax.device_count() == 8
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  y = jax.random.normal(jax.random.key(1), (64, 8))
+  params = MLP().init(jax.random.key(2), x)
+  spec = lora_jax.LoraSpec(["up", "down"], rank=4)
+  adapters = lora_jax.init(jax.random.key(3), params, spec)
+  ref_ad, ref_loss = train(params, adapters, x, y)
+
+  # Sharded jit: data parallel over 'data', tensor parallel over 'model'.
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  kernel_specs = {"up": P(None, "model"), "down": P("model", None)}
+  sharded = jax.tree_util.tree_map_with_path(
+      lambda path, v: jax.device_put(
+          v,
+          NamedSharding(
+              mesh,
+              kernel_specs[path[1].key] if path[-1].key == "kernel" else P(),
+          ),
+      ),
+      params,
+  )
+  ad_sharded = lora_jax.shard_like(adapters, sharded)
+  up, down = ad_sharded["params"]["up"]["kernel"], ad_sharded["params"]["down"]["kernel"]
+  assert up.a.sharding.spec == P(None, None) and up.b.sharding.spec == P(None, "model"), (up.a.sharding, up.b.sharding)
+  assert down.a.sharding.spec == P("model", None) and down.b.sharding.spec == P(None, None)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  ys = jax.device_put(y, NamedSharding(mesh, P("data", None)))
+  sh_ad, sh_loss = train(sharded, ad_sharded, xs, ys)
+  np.testing.assert_allclose(float(sh_loss), float(ref_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sh_ad), jax.tree.leaves(ref_ad)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # The factors keep their shardings through training.
+  assert sh_ad["params"]["up"]["kernel"].b.sharding.spec == P(None, "model")
+
+  # pmap data parallel: same result as one device.
+  pm_ad, pm_loss = train(params, adapters, x, y, pmap=True)
+  np.testing.assert_allclose(float(pm_loss), float(ref_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(pm_ad), jax.tree.leaves(ref_ad)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  print("MULTIDEVICE OK", float(ref_loss))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,339 @@
+"""PEFT interop against the real thing: transformers models + peft, in torch float32."""
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax import io
+from lora_jax._paths import leaves_with_paths, tree_from_entries
+from lora_jax.adapters_node import LoraFactors, factor_shapes
+from lora_jax.interop import BERT, LLAMA, NameMap, export_peft, import_peft, read_peft
+from lora_jax.models import bert, llama
+
+try:
+  import peft
+  import torch
+  import transformers
+except ImportError:  # the refusal tests below still run
+  torch = peft = transformers = None
+
+interop = pytest.mark.skipif(torch is None, reason="needs torch, transformers, peft: pip install 'lora_jax[interop]'")
+TOKENS = np.array([[1, 5, 9, 33, 2, 77, 100, 3], [4, 4, 8, 15, 16, 23, 42, 127]])
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _random_adapters(params, spec, seed=0):
+  """Non-zero adapters for ``spec`` (numpy: no compilation)."""
+  rng = np.random.default_rng(seed)
+  targets = {t.path: t for t in spec.resolve(params)}
+  entries = []
+  for path, _ in leaves_with_paths(params):
+    t = targets.get(path)
+    if t is None:
+      entries.append(None)
+      continue
+    a_shape, b_shape = factor_shapes(t.shape, t.layout, t.rank)
+    a = jnp.asarray(rng.standard_normal(a_shape) * 0.3, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(b_shape) * 0.3, jnp.float32)
+    entries.append(LoraFactors(a=a, b=b, scale=t.scale, layout=t.layout))
+  return tree_from_entries(params, entries)
+
+
+def _assert_same(a, b):
+  fa, fb = io.flatten_adapters(a), io.flatten_adapters(b)
+  assert list(fa) == list(fb)
+  for k in fa:
+    assert (fa[k].scale, fa[k].layout) == (fb[k].scale, fb[k].layout), k
+    np.testing.assert_array_equal(fa[k].a, fb[k].a)
+    np.testing.assert_array_equal(fa[k].b, fb[k].b)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=False,
+  )
+  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
+  sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  models = {}
+  for scan in (True, False):
+    config = llama.llama_config_from_hf(hf_config, remat=False, scan_layers=scan)
+    model = llama.LlamaForCausalLM(config)
+    models[scan] = (config, jax.jit(lora_jax.wrap(model.apply)), llama.load_hf_llama(sd, config))
+  return torch_model, models
+
+
+def _torch_logits(model):
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.mark.interop
+@interop
+def test_jax_to_peft_llama(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  config, lora_apply, params = models[True]
+  spec = lora_jax.LoraSpec(MODULES, rank=4, alpha=8, layout=llama.lora_layout(config))
+  adapters = _random_adapters(params, spec)
+  want = np.asarray(lora_apply(params, adapters, TOKENS))
+  assert np.abs(want - _torch_logits(torch_model)).max() > 1e-2  # the adapters do something
+  export_peft(tmp_path, adapters, "llama", base_model_name_or_path="tiny")
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["use_rslora"]) == (4, 8.0, {}, False)
+  assert len(cfg["target_modules"]) == 14 and "model.layers.1.mlp.down_proj" in cfg["target_modules"]
+  _, meta, _ = io.read_safetensors(tmp_path / "adapter_model.safetensors")
+  assert meta == {"format": "pt"}
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+  np.testing.assert_allclose(_torch_logits(peft_model), want, atol=1e-4)
+  np.testing.assert_allclose(_torch_logits(peft_model.merge_and_unload()), want, atol=1e-4)
+  _assert_same(import_peft(tmp_path, params, "llama"), adapters)  # and back, exactly
+
+
+@pytest.mark.interop
+@interop
+def test_jax_to_peft_patterns_rslora_embeddings_unscanned(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  _, lora_apply, params = models[False]
+  spec = lora_jax.LoraSpec(
+      MODULES + ["embed_tokens", "lm_head"], rank=4, alpha=8, rslora=True,
+      rank_pattern={"q_proj": 2, "down_proj": 6, "lm_head": 3}, alpha_pattern={"v_proj": 3},
+  )
+  adapters = _random_adapters(params, spec, seed=1)
+  want = np.asarray(lora_apply(params, adapters, TOKENS))
+  export_peft(tmp_path, adapters, LLAMA, rslora=True)
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert cfg["use_rslora"] and cfg["r"] == 4
+  assert cfg["rank_pattern"]["model\\.layers\\.0\\.self_attn\\.q_proj"] == 2
+  assert cfg["alpha_pattern"]["model\\.layers\\.1\\.self_attn\\.v_proj"] == 3
+  keys = read_peft(tmp_path).modules
+  assert keys["model.embed_tokens"].embedding and keys["model.embed_tokens"].A.shape == (4, 128)
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+  np.testing.assert_allclose(_torch_logits(peft_model), want, atol=1e-4)
+  np.testing.assert_allclose(_torch_logits(peft_model.merge_and_unload()), want, atol=1e-4)
+  _assert_same(import_peft(tmp_path, params, "llama"), adapters)
+
+
+@pytest.mark.interop
+@interop
+def test_peft_to_jax_llama(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  torch.manual_seed(1)
+  config = peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=MODULES, init_lora_weights=False, use_rslora=True,
+      rank_pattern={"q_proj": 2}, alpha_pattern={"o_proj": 5}, task_type="CAUSAL_LM",
+  )
+  peft_model = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
+  peft_model.save_pretrained(tmp_path)
+  want = _torch_logits(peft_model)
+  for scan in (True, False):
+    _, lora_apply, params = models[scan]
+    adapters = import_peft(tmp_path, params, "llama")
+    assert len(io.flatten_adapters(adapters)) == (7 if scan else 14)
+    np.testing.assert_allclose(np.asarray(lora_apply(params, adapters, TOKENS)), want, atol=1e-4)
+  q = io.flatten_adapters(adapters)["params/layers_0/self_attn/q_proj/kernel"]
+  o = io.flatten_adapters(adapters)["params/layers_1/self_attn/o_proj/kernel"]
+  assert (q.rank, q.scale, o.scale) == (2, 8 / np.sqrt(2), 5 / 2)
+
+
+@pytest.mark.interop
+@interop
+def test_peft_partial_layers_and_ignored_keys(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  torch.manual_seed(2)
+  config = peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1], init_lora_weights=False,
+      modules_to_save=["lm_head"],
+  )
+  peft_model = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
+  peft_model.save_pretrained(tmp_path)
+  _, lora_apply, params = models[True]
+  with pytest.warns(UserWarning, match=r"layers \[0\] have no adapter in the file; their factors are zero.*ignored non-LoRA keys .*lm_head"):
+    adapters = import_peft(tmp_path, params, "llama")
+  f = adapters["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert not np.asarray(f.a[0]).any() and np.asarray(f.a[1]).any()
+  np.testing.assert_allclose(np.asarray(lora_apply(params, adapters, TOKENS)), _torch_logits(peft_model), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+  torch.manual_seed(0)
+  hf_config = transformers.BertConfig(
+      vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=32, max_position_embeddings=32,
+  )
+  torch_model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
+  config = bert.bert_config_from_hf(hf_config.to_dict())
+  params = bert.load_hf_bert({k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, config)
+  model = bert.BertModel(config)
+  apply = jax.jit(lora_jax.wrap(lambda p, ids, mask: model.apply({"params": p}, ids, mask).last_hidden_state))
+  return torch_model, params, apply
+
+
+def _bert_torch(model, ids, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).last_hidden_state.numpy()
+
+
+@pytest.mark.interop
+@interop
+def test_bert_both_ways(tmp_path, tiny_bert):
+  torch_model, params, apply = tiny_bert
+  ids = np.array([[2, 5, 9, 11, 3, 0]])
+  mask = np.array([[1, 1, 1, 1, 1, 0]])
+  # PEFT -> JAX
+  torch.manual_seed(3)
+  config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value", "dense"], init_lora_weights=False)
+  peft_model = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
+  peft_model.save_pretrained(tmp_path / "from_peft")
+  keys = io.read_safetensors(tmp_path / "from_peft" / "adapter_model.safetensors")[0]
+  assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in keys  # bare BertModel: no prefix
+  adapters = import_peft(tmp_path / "from_peft", params, "bert")
+  assert len(io.flatten_adapters(adapters)) == 2 * 5
+  np.testing.assert_allclose(np.asarray(apply(params, adapters, ids, mask)), _bert_torch(peft_model, ids, mask), atol=1e-4)
+  # JAX -> PEFT
+  spec = lora_jax.LoraSpec(["query", "key", "intermediate/dense"], rank=3, alpha=5)
+  adapters = _random_adapters(params, spec, seed=4)
+  export_peft(tmp_path / "to_peft", adapters, BERT, task_type="FEATURE_EXTRACTION")
+  loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "to_peft").eval()
+  np.testing.assert_allclose(_bert_torch(loaded, ids, mask), np.asarray(apply(params, adapters, ids, mask)), atol=1e-4)
+
+
+@pytest.mark.interop
+@interop
+def test_bert_prefix_for_task_heads(tiny_bert):
+  _, params, _ = tiny_bert
+  hf_config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+  torch_model = transformers.BertForSequenceClassification(hf_config)
+  peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+  names = {k.split(".lora_A")[0] for k in peft.get_peft_model_state_dict(peft_model) if ".lora_A" in k}
+  ours = {"base_model.model." + BERT.with_prefix("bert.")(f"encoder/layer_{i}/attention/self/query/kernel") for i in range(2)}
+  assert names == ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals.
+# ----------------------------------------------------------------------------------------------
+
+
+def _peft_dir(tmp_path, **config):
+  cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+  cfg.update(config)
+  os.makedirs(tmp_path, exist_ok=True)
+  (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+  return tmp_path
+
+
+def test_refusals(tmp_path):
+  sds = jax.ShapeDtypeStruct
+  params = {"params": {"layers": {"self_attn": {
+      "q_proj": {"kernel": sds((2, 64, 64), jnp.float32)}, "k_proj": {"kernel": sds((2, 64, 32), jnp.float32)}}}}}
+  d = _peft_dir(tmp_path / "bin")
+  (d / "adapter_model.bin").write_bytes(b"\x80\x04.")
+  with pytest.raises(io.AdapterFileError, match="refusing to read a pickle-based file .* safetensors"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "dora", use_dora=True)
+  io.write_safetensors(d / "adapter_model.safetensors", {"base_model.model.q.lora_A.weight": np.ones((2, 4), np.float32)})
+  with pytest.raises(io.AdapterFileError, match="DoRA \\(use_dora=true\\) is not supported"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "loha", peft_type="LOHA")
+  io.write_safetensors(d / "adapter_model.safetensors", {"x": np.ones(1, np.float32)})
+  with pytest.raises(io.AdapterFileError, match="peft_type is 'LOHA'; lora_jax imports plain LoRA"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "mag")
+  io.write_safetensors(d / "adapter_model.safetensors", {"base_model.model.q.lora_magnitude_vector": np.ones(4, np.float32)})
+  with pytest.raises(io.AdapterFileError, match="DoRA magnitude"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "rank")
+  io.write_safetensors(d / "adapter_model.safetensors", {
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((3, 64), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((64, 3), np.float32),
+  })
+  with pytest.raises(io.AdapterFileError, match="has rank 3 but the config gives r=2"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "nan", r=3)
+  io.write_safetensors(d / "adapter_model.safetensors", {
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.full((3, 64), np.nan, np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((64, 3), np.float32),
+  })
+  with pytest.raises(io.AdapterFileError, match="lora_A holds NaN or Inf"):
+    import_peft(d, params, "llama")
+  d = _peft_dir(tmp_path / "shape", r=3)
+  io.write_safetensors(d / "adapter_model.safetensors", {
+      "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": np.ones((3, 64), np.float32),
+      "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": np.ones((64, 3), np.float32),
+  })
+  with pytest.raises(ValueError, match=r"expected lora_A \(r, 64\) and lora_B \(32, r\). Wrong name map or wrong model"):
+    import_peft(d, params, "llama")
+  with pytest.raises(ValueError, match="torch module 'model.layers.0.self_attn.k_proj' has no counterpart in params"):
+    import_peft(d, params, "bert")
+
+
+def test_export_refusals(tmp_path):
+  params = {"attn": {"kernel": jnp.ones((2, 4, 8))}, "dense": {"kernel": jnp.ones((4, 8))}}
+  ad = _random_adapters(params, lora_jax.LoraSpec(["attn"], rank=2))
+  with pytest.raises(ValueError, match="layout 'iio' has no PEFT equivalent"):
+    export_peft(tmp_path, ad, [(r"attn/kernel", "attn")])
+  ad = _random_adapters(params, lora_jax.LoraSpec(["dense"], rank=2))
+  with pytest.raises(ValueError, match="no name-map rule gives a torch module for adapted path 'dense/kernel'"):
+    export_peft(tmp_path, ad, "llama")
+  with pytest.raises(ValueError, match="'dense2/kernel' and 'dense/kernel' both map to torch module 'x'"):
+    export_peft(tmp_path, {"dense/kernel": io.flatten_adapters(ad)["dense/kernel"], "dense2/kernel": io.flatten_adapters(ad)["dense/kernel"]},
+                lambda path, layer: "x")
+  with pytest.raises(ValueError, match="the template uses \\['module'\\] which the regex does not capture"):
+    NameMap([("a/kernel", "{module}")])
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.interop
+@interop
+def test_stacked_import_needs_uniform_rank(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  config = peft.LoraConfig(r=2, target_modules=["q_proj"], rank_pattern={"model.layers.0.self_attn.q_proj": 3})
+  peft.get_peft_model(copy.deepcopy(torch_model), config).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="have different \\(r, scale\\).*scan_layers=False"):
+    import_peft(tmp_path, models[True][2], "llama")
+  flat = io.flatten_adapters(import_peft(tmp_path, models[False][2], "llama"))
+  assert [f.rank for f in flat.values()] == [3, 2]
+
+
+def test_name_maps():
+  assert LLAMA("params/layers/mlp/down_proj/kernel", 5) == "model.layers.5.mlp.down_proj"
+  assert LLAMA("layers_12/self_attn/o_proj/kernel") == "model.layers.12.self_attn.o_proj"
+  assert LLAMA("embed_tokens/embedding") == "model.embed_tokens" and LLAMA("lm_head/kernel") == "lm_head"
+  assert LLAMA("norm/scale") is None and LLAMA.stacked("layers/mlp/up_proj/kernel")
+  assert LLAMA.module_pattern("layers/self_attn/q_proj/kernel") == r"model\.layers\.\d+\.self_attn\.q_proj"
+  assert BERT("encoder/layer_1/attention/output/dense/kernel") == "encoder.layer.1.attention.output.dense"
+  assert BERT("embeddings/word_embeddings/embedding") == "embeddings.word_embeddings"
+  assert BERT.with_prefix("bert.")("encoder/layer_0/output/dense/kernel") == "bert.encoder.layer.0.output.dense"
+  with pytest.raises(ValueError, match="needs a layer index: the kernel must be stacked"):
+    LLAMA("layers/mlp/up_proj/kernel")
+  with pytest.raises(ValueError, match="not a valid regex"):
+    NameMap([("(", "x")])
+
+
+def test_peft_dir_given_to_load(tmp_path):
+  f = LoraFactors(a=jnp.ones((4, 2)), b=jnp.ones((2, 3)), scale=0.5, layout="io")
+  export_peft(tmp_path, {"lm_head/kernel": f}, "llama")
+  with pytest.raises(io.AdapterFileError, match="is a PEFT adapter directory .* lora_jax.import_peft"):
+    lora_jax.load(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no adapter_config.json; not a PEFT adapter directory"):
+    import_peft(tmp_path / "nope", {"lm_head": {"kernel": jnp.ones((4, 3))}}, "llama")
+
+
+@pytest.mark.interop
+@interop
+def test_real_dora_dir_refused(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+  peft.get_peft_model(copy.deepcopy(torch_model), config).save_pretrained(tmp_path)
+  with pytest.raises(io.AdapterFileError, match="DoRA \\(use_dora=true\\) is not supported by lora_jax; merge it in PEFT"):
+    import_peft(tmp_path, models[True][2], "llama")

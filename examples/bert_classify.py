@@ -19,7 +19,6 @@ Prints a table (held-out accuracy, trainable parameters, time per step) and writ
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import inspect
 import json
@@ -128,42 +127,48 @@ def head_logits(head: dict, feats: jax.Array) -> jax.Array:
 def train(
     name: str,
     trainable: dict,
-    features: Callable[[dict, dict], jax.Array],
+    frozen: Any,
+    features: Callable[[dict, Any, dict], jax.Array],
     tx: optax.GradientTransformation,
     batches: list[dict],
     eval_batches: list[dict],
     temperature: float,
 ) -> dict:
-  """Trains ``trainable`` (always holding ``"head"``) for ``len(batches)`` steps; returns metrics."""
+  """Trains ``trainable`` (always holding ``"head"``) for ``len(batches)`` steps; returns metrics.
+
+  ``features(trainable, frozen, batch)`` gives the pooled embeddings. ``frozen`` (the base
+  params) is passed to the jitted step as an argument, not closed over, so it is not baked
+  into the compiled program as a constant.
+  """
   from tqdm.auto import tqdm
 
-  def loss_fn(t, batch):
-    logits = head_logits(t["head"], features(t, batch)) * temperature
+  def loss_fn(t, frozen, batch):
+    logits = head_logits(t["head"], features(t, frozen, batch)) * temperature
     return cross_entropy(logits, batch["labels"])
 
   @jax.jit
-  def step(t, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(t, batch)
+  def step(t, opt_state, frozen, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(t, frozen, batch)
     updates, opt_state = tx.update(grads, opt_state, t)
     return optax.apply_updates(t, updates), opt_state, loss
 
   @jax.jit
-  def predict(t, batch):
-    return jnp.argmax(head_logits(t["head"], features(t, batch)), axis=-1)
+  def predict(t, frozen, batch):
+    return jnp.argmax(head_logits(t["head"], features(t, frozen, batch)), axis=-1)
 
   opt_state = tx.init(trainable)
   losses, times = [], []
   bar = tqdm(batches, desc=f"{TITLES[name]:<22}", leave=True, dynamic_ncols=True)
   for batch in bar:
     t0 = time.perf_counter()
-    trainable, opt_state, loss = step(trainable, opt_state, batch)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, batch)
     loss = float(loss)  # blocks until the step is done
     times.append(time.perf_counter() - t0)
     losses.append(loss)
     bar.set_postfix(loss=f"{loss:.3f}")
   correct = total = 0
   for batch in eval_batches:
-    pred = np.asarray(predict(trainable, device_batch(batch)))
+    pred = np.asarray(predict(trainable, frozen, device_batch(batch)))
     keep = batch["valid"]
     correct += int((pred[keep] == batch["labels"][keep]).sum())
     total += int(keep.sum())
@@ -280,21 +285,21 @@ def main(argv: list[str] | None = None) -> dict:
       cache = lambda bs: [dict(b, feats=embed_jit(params, device_batch(b))) for b in bs]
       batches, evals = cache(train_batches), cache(eval_batches)
       print(f"{TITLES[name]}: embedded the data once in {time.perf_counter() - t0:.1f} s")
-      trainable = {"head": head}
-      features = lambda t, b: b["feats"]
+      trainable, frozen = {"head": head}, None
+      features = lambda t, frozen, b: b["feats"]
       tx, n_train = optimizer(0.0), n_head
     elif name in ("lora-qv", "lora-all"):
       targets = ["query", "value"] if name == "lora-qv" else "all-linear"
       spec = lora_jax.LoraSpec(targets, rank=args.rank, alpha=args.alpha)
       adapters = lora_jax.init(k_lora, params, spec)
-      trainable = {"adapters": adapters, "head": head}
-      features = lambda t, b: lora_embed(params, t["adapters"], b)
+      trainable, frozen = {"adapters": adapters, "head": head}, params
+      features = lambda t, frozen, b: lora_embed(frozen, t["adapters"], b)
       tx, n_train = optimizer(args.lr_lora), lora_jax.count(adapters, params).trainable + n_head
     else:
-      trainable = {"encoder": params, "head": head}
-      features = lambda t, b: embed(t["encoder"], b)
+      trainable, frozen = {"encoder": params, "head": head}, None
+      features = lambda t, frozen, b: embed(t["encoder"], b)
       tx, n_train = optimizer(args.lr_full), n_base + n_head
-    r = train(name, trainable, features, tx, batches, evals, args.temperature)
+    r = train(name, trainable, frozen, features, tx, batches, evals, args.temperature)
     r["trainable"] = int(n_train)
     results[name] = r
 

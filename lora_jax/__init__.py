@@ -5,6 +5,7 @@ from lora_jax.adapters_node import LoraFactors
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
 from lora_jax.layout import infer_layout
+from lora_jax.optim import freeze_base, lora_plus, trainable_mask
 from lora_jax.sharding import adapter_shardings, shard_like
 from lora_jax.spec import LoraSpec, Target
 from lora_jax.transform import LoraFallbackError, LoraFallbackWarning, Report, explain, from_nnx, to_nnx, wrap
@@ -32,6 +33,9 @@ __all__ = [
     "merge",
     "split",
     "unmerge",
+    "freeze_base",
+    "lora_plus",
+    "trainable_mask",
     "wrap",
     "explain",
     "infer_layout",

@@ -25,7 +25,11 @@ from lora_jax.adapters_node import LoraFactors
 PyTree = Any
 ScalarOrSchedule = Union[float, Callable[[Any], Any]]
 
+# optax.partition is the newer name of optax.multi_transform; older optax has only the latter.
+_partition = getattr(optax, "partition", None) or optax.multi_transform
+
 _FROZEN = "frozen"
+_LORA = "lora"
 _A = "lora_a"
 _B = "lora_b"
 
@@ -35,7 +39,7 @@ def _is_factors(x: Any) -> bool:
 
 
 def _label_tree(tree: PyTree, a: Any, b: Any, other: Any) -> PyTree:
-  """``tree`` with each factor ``a``/``b`` replaced by ``a``/``b`` and other leaves by ``other``."""
+  """``tree`` with the labels ``a`` and ``b`` in each LoraFactors and ``other`` at every other leaf."""
 
   def label(x: Any) -> Any:
     if isinstance(x, LoraFactors):
@@ -110,9 +114,9 @@ def freeze_base(tx: optax.GradientTransformation) -> optax.GradientTransformatio
   >>> float(abs(updates["base"]["kernel"]).max()), updates["lora"]["kernel"].b.shape
   (0.0, (1, 2))
   """
-  return optax.partition(
-      {_A: tx, _FROZEN: optax.set_to_zero()},
-      _labels_or_raise("freeze_base", _A, _A),
+  return _partition(
+      {_LORA: tx, _FROZEN: optax.set_to_zero()},
+      _labels_or_raise("freeze_base", _LORA, _LORA),
   )
 
 
@@ -162,7 +166,7 @@ def lora_plus(
 
   else:
     lr_b = ratio * learning_rate
-  return optax.partition(
+  return _partition(
       {
           _A: optimizer_factory(learning_rate=learning_rate, **kwargs),
           _B: optimizer_factory(learning_rate=lr_b, **kwargs),

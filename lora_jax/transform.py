@@ -614,8 +614,7 @@ def _eval(ctx: _Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any
       out = _apply_rule(ctx, eqn, name, invals)
     outs = out if eqn.primitive.multiple_results else [out]
     for v, x in zip(eqn.outvars, outs):
-      if not isinstance(v, jex.DropVar):
-        env[v] = x
+      env[v] = x  # a DropVar entry is written and never read
   return [read(v) for v in jaxpr.outvars]
 
 

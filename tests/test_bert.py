@@ -50,6 +50,7 @@ TINY = bert.BertConfig(
 )
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_params(config=TINY, seed=0):
   ids = jnp.zeros((1, 4), jnp.int32)
   return jax.jit(bert.BertModel(config).init)(jax.random.key(seed), ids)["params"]

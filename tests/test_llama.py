@@ -17,6 +17,13 @@ from lora_jax.models import llama as L
 V, D, F, H, KV = 128, 64, 128, 4, 2
 
 
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+  # On GPU, float32 matmuls default to TF32; the 1e-4 comparisons need real float32.
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _config(**kw) -> L.LlamaConfig:
   return L.LlamaConfig.tiny(initializer_range=0.1, **kw)
 
@@ -373,3 +380,16 @@ def test_lora_wrap_equals_merge():
   wrapped, merged, base = run(params, adapters)
   assert float(jnp.max(jnp.abs(merged - base))) > 1e-2
   np.testing.assert_allclose(wrapped, merged, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla():
+  config = _config(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, head_dim=64)
+  params = _init(config, jax.random.key(0))
+  tokens = _tokens(2, 128)
+  mask = np.ones_like(tokens)
+  mask[1, 100:] = 0
+  xla = _logits(config.replace(attention_implementation="xla"), params, tokens, mask)
+  cudnn = _logits(config.replace(attention_implementation="cudnn"), params, tokens, mask)
+  keep = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(cudnn)[keep], np.asarray(xla)[keep], atol=5e-2, rtol=5e-2)

@@ -14,7 +14,7 @@ from flax import nnx
 
 import lora_jax
 from lora_jax import LoraFactors, LoraSpec
-from lora_jax.optim import freeze_base, lora_plus, trainable_mask
+from lora_jax import freeze_base, lora_plus, trainable_mask
 
 
 class Net(nn.Module):
@@ -85,8 +85,8 @@ def test_trainable_mask():
   assert isinstance(f, LoraFactors) and (f.a, f.b, f.layout) == (True, True, "io")
   assert mask["lora"]["fc1"]["bias"] is None
   # NNX: a State holding frozen arrays and factors.
-  graphdef, state = nnx.split(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
-  ad = lora_jax.init(jax.random.key(0), state, LoraSpec("kernel", rank=2))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0))))
+  ad = jax.eval_shape(lambda s: lora_jax.init(jax.random.key(0), s, LoraSpec("kernel", rank=2)), state)
   nnx_mask = trainable_mask({"base": state, "lora": ad})
   assert sorted(jax.tree.leaves(nnx_mask)) == [False, False, True, True]
 

@@ -469,9 +469,14 @@ def hf_state_dict(params: Params) -> dict[str, np.ndarray]:
 
 def param_shapes(config: BertConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
   """``{path: (shape, dtype)}`` of a :class:`BertModel`'s parameters (nothing is allocated)."""
+  return dict(_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: BertConfig) -> tuple[tuple[str, tuple[tuple[int, ...], Any]], ...]:
   ids = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: BertModel(config).init(jax.random.key(0), ids)["params"])
-  return {p: (tuple(s.shape), s.dtype) for p, s in leaves_with_paths(shapes)}
+  return tuple((p, (tuple(s.shape), s.dtype)) for p, s in leaves_with_paths(shapes))
 
 
 # Buffers that Hugging Face saves but that are not parameters.

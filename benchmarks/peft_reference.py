@@ -1,0 +1,198 @@
+"""The PyTorch reference: transformers + PEFT LoRA on the same Llama shapes, batch and GPU.
+
+``transformers.LlamaForCausalLM`` built from a config (random weights, bf16, SDPA attention),
+wrapped with ``peft.get_peft_model`` (r=16, alpha=32, dropout 0; ``all-linear`` or q_proj and
+v_proj), or trained in full; eager or ``torch.compile`` (the model; the optimizer step stays
+eager); ``torch.optim.AdamW`` (fused on CUDA) over the trainable parameters. Each variant runs
+in its own subprocess; peak memory is ``torch.cuda.max_memory_allocated()`` over the process.
+
+PEFT's defaults are kept: adapter weights are float32 (``autocast_adapter_dtype=True``), no
+gradient checkpointing, the loss from the model's full logits (``labels=tokens``).
+
+    python benchmarks/peft_reference.py --config cpu-small
+    python benchmarks/peft_reference.py --config tinyllama
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+RANK, ALPHA = 16, 32
+TARGETS = {"all": "all-linear", "qv": ["q_proj", "v_proj"]}
+PLAN = (
+    "lora/all@compile", "lora/qv@compile", "lora/all@eager", "lora/qv@eager",
+    "full/all@eager", "full/all@compile", "lora/all@compile+ckpt",
+)
+
+
+def build(kind: str, targets: str, cfg: common.BenchConfig, device: str, grad_ckpt: bool):
+  import torch
+  import transformers
+
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.mlp,
+      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+      max_position_embeddings=max(cfg.seq, 2048), rms_norm_eps=1e-6, tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False,
+  )
+  hf._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  old = torch.get_default_dtype()
+  torch.set_default_dtype(torch.bfloat16)
+  try:
+    with torch.device(device):
+      model = transformers.LlamaForCausalLM(hf)
+  finally:
+    torch.set_default_dtype(old)
+  model = model.to(device=device, dtype=torch.bfloat16)
+  if grad_ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+  if kind == "lora":
+    import peft
+
+    lc = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS[targets], bias="none")
+    model = peft.get_peft_model(model, lc)
+  model.train()
+  return model
+
+
+def measure(kind: str, targets: str, mode: str, cfg: common.BenchConfig, peak_tflops: float | None) -> dict[str, Any]:
+  import torch
+
+  row: dict[str, Any] = dict(impl=f"peft_{kind}" if kind == "lora" else "torch_full", targets=targets, mode=mode,
+                             rank=RANK if kind == "lora" else None)
+  try:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    model = build(kind, targets, cfg, device, grad_ckpt="ckpt" in mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=device == "cuda")
+    fwd = torch.compile(model) if mode.startswith("compile") else model
+    g = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device, generator=g)
+    sync()
+    row["setup_s"] = round(time.perf_counter() - t0, 2)
+    losses = []
+
+    def one():
+      out = fwd(input_ids=tokens, labels=tokens)
+      out.loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+      losses.append(out.loss.detach())
+      return None
+
+    t0 = time.perf_counter()
+    one()
+    sync()
+    row["first_step_s"] = round(time.perf_counter() - t0, 2)  # includes torch.compile
+    times = common.time_calls(one, lambda _: sync(), cfg.warmup, cfg.iters)
+    losses = [float(x) for x in losses]
+    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
+      raise FloatingPointError(f"non-finite loss: {losses}")
+    med = common.median(times)
+    n_ad = n_trainable if kind == "lora" else 0
+    flops = common.train_flops(cfg, "lora" if kind == "lora" else "full", n_ad)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    row.update(
+        trainable_params=n_trainable,
+        step_ms=round(med * 1e3, 2),
+        step_ms_min=round(min(times) * 1e3, 2),
+        step_ms_all=[round(t * 1e3, 2) for t in times],
+        tokens_per_s=round(cfg.tokens / med, 1),
+        model_tflop=round(flops / 1e12, 3),
+        achieved_tflops=round(flops / med / 1e12, 1),
+        mfu=None if not peak_tflops else round(flops / med / 1e12 / peak_tflops, 4),
+        peak_gib=None if peak is None else round(peak / 2**30, 3),
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+    )
+  except Exception as e:  # noqa: BLE001
+    row.update(common.error_record(e))
+  return row
+
+
+def _parse(key: str) -> tuple[str, str, str]:
+  rest, mode = key.split("@")
+  kind, targets = rest.split("/")
+  return kind, targets, mode
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="cpu-small", choices=sorted(common.CONFIGS))
+  p.add_argument("--out", default=None)
+  p.add_argument("--variants", default=None, help=f"comma-separated keys (default: {','.join(PLAN)})")
+  p.add_argument("--inprocess", action="store_true")
+  p.add_argument("--budget-s", type=float, default=1e9)
+  p.add_argument("--timeout-s", type=float, default=240)
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--iters", type=int, default=None)
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  over = {k: v for k, v in (("warmup", args.warmup), ("iters", args.iters)) if v is not None}
+  cfg = common.get_config(args.config, **over)
+
+  if args.worker:
+    row = measure(*_parse(args.worker), cfg, args.peak_tflops)
+    common.write_json(args.result_file, row)
+    return row
+
+  t_start = time.perf_counter()
+  env = common.env_info("torch")
+  peak_tflops = common.torch_matmul_tflops(cfg.matmul_n)
+  env["matmul_peak_tflops"] = round(peak_tflops, 1)
+  env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
+  print(f"device: {env['device']}  measured bf16 matmul peak (torch): {peak_tflops:.0f} TFLOP/s", flush=True)
+  inprocess = args.inprocess or cfg.name.startswith("cpu")
+  rows: list[dict[str, Any]] = []
+  payload = dict(benchmark="peft_reference", env=env, config=vars(cfg) | {"rank": RANK, "alpha": ALPHA},
+                 flop_note=common.FLOP_NOTE, rows=rows)
+  out = args.out or common.default_out("peft_reference", cfg)
+  keys = args.variants.split(",") if args.variants else list(PLAN)
+  for key in keys:
+    key = key.strip()
+    if time.perf_counter() - t_start > args.budget_s:
+      row = dict(zip(("kind", "targets", "mode"), _parse(key)), skipped="time budget")
+    elif inprocess:
+      row = measure(*_parse(key), cfg, peak_tflops)
+    else:
+      remaining = args.budget_s - (time.perf_counter() - t_start)
+      row = common.run_worker(
+          [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--peak-tflops", str(peak_tflops),
+           "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)],
+          min(args.timeout_s, max(remaining, 30)),
+      )
+    row["variant"] = key
+    rows.append(row)
+    common.write_json(out, payload)
+    status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"
+    print(f"  {key:28s} {status}", flush=True)
+  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+  common.write_json(out, payload)
+  print()
+  common.print_table(
+      rows,
+      [("variant", "variant", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+       ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("first_step_s", "1st step s", ".1f"),
+       ("trainable_params", "trainable", ",d"), ("error", "error", "")],
+  )
+  print(f"wrote {out}")
+  return payload
+
+
+if __name__ == "__main__":
+  main()

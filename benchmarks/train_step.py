@@ -1,0 +1,374 @@
+"""Training-step throughput and memory: lora_jax against full fine-tuning, a hand-written
+factored LoRA step, qwix and jax-lorax, on a Llama at TinyLlama-1.1B shapes.
+
+Each variant runs in its own subprocess (so that peak device memory is its own), builds the
+model with random bf16 weights, compiles one AdamW step under ``jit`` (donating the trained
+state), and times ``--iters`` steps after ``--warmup`` (``block_until_ready`` on each).
+
+Variants (``impl/targets@tune``):
+
+* ``full``: JAX full fine-tuning (gradient of every parameter).
+* ``lora_jax``: ``lora_jax.wrap(model.apply)`` with ``method="loss"``, factored mode; r=16,
+  alpha=32, targets ``all`` (all-linear) or ``qv`` (q_proj, v_proj).
+* ``lora_jax_merged``: ``wrap(..., mode="merged")``: forms ``W + s*a@b`` every step.
+* ``handwritten``: :mod:`benchmarks.handwritten`, the factored form written by hand.
+* ``qwix``: Google's qwix ``LoraProvider`` on the same linen model (if it imports).
+* ``lorax``: jax-lorax (known to need JAX <= 0.4.35: the error is recorded).
+
+Tunes: ``default`` (the model's defaults: remat of each layer saving nothing, full logits),
+``remat+chunk`` (plus chunked cross-entropy), ``remat_dots+chunk`` (remat policy
+``dots_with_no_batch_dims_saveable``), ``noremat+chunk``. The lora_jax all-linear variant is
+swept over all tunes first; ``best`` is the fastest tune whose peak memory is <= 4 GiB (the
+fastest overall when none fits), and the other variants run at ``default`` and/or ``best``.
+
+    python benchmarks/train_step.py --config cpu-small          # seconds, CPU
+    python benchmarks/train_step.py --config tinyllama          # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+RANK, ALPHA = 16, 32.0
+MEM_CAP_GIB = 4.0
+TARGETS = {
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+IMPLS = ("full", "lora_jax", "lora_jax_merged", "handwritten", "qwix", "lorax")
+
+
+def tunes(cfg: common.BenchConfig) -> dict[str, dict[str, Any]]:
+  return {
+      "default": dict(remat=True, remat_policy=None, chunk=None),
+      "remat+chunk": dict(remat=True, remat_policy=None, chunk=cfg.chunk),
+      "remat_dots+chunk": dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable", chunk=cfg.chunk),
+      "noremat+chunk": dict(remat=False, remat_policy=None, chunk=cfg.chunk),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# One variant (runs inside the worker process)
+# ----------------------------------------------------------------------------------------------
+
+
+def _lora_spec(targets: str, config, rank: int):
+  import lora_jax
+  from lora_jax.models import llama
+
+  t = "all-linear" if targets == "all" else list(TARGETS[targets])
+  return lora_jax.LoraSpec(t, rank=rank, alpha=ALPHA, layout=llama.lora_layout(config))
+
+
+def _tokens(cfg: common.BenchConfig):
+  import jax
+
+  return jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype="int32")
+
+
+def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig, rank: int = RANK):
+  """Returns ``(step, frozen, state, n_trainable, kind, tokens)``:
+  ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from lora_jax.models import llama
+
+  config = common.llama_config(cfg, remat=tune["remat"], remat_policy=tune["remat_policy"])
+  if impl == "lorax":
+    config = config.replace(scan_layers=False)  # lorax adapts 2-D kernels only
+  model = llama.LlamaForCausalLM(config)
+  tokens = _tokens(cfg)
+  chunk = tune["chunk"]
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  key = jax.random.key(0)
+  n_params = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+
+  if impl == "qwix":
+    common.extra_site()
+    import qwix
+
+    names = "|".join(TARGETS[targets])
+    provider = qwix.LoraProvider(module_path=rf".*({names})", rank=rank, alpha=ALPHA)
+    qmodel = qwix.apply_lora_to_model(model, provider, methods=("loss",))
+    variables = jax.jit(functools.partial(qmodel.init, method="loss", chunk_size=chunk))(key, tokens[:1])
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    trainable = {k: v for k, v in flat.items() if k.endswith(("_lora_a", "_lora_b"))}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+
+    def loss_fn(trainable, frozen, tokens):
+      p = traverse_util.unflatten_dict({**frozen, **trainable}, sep="/")
+      return qmodel.apply({"params": p}, tokens, method="loss", chunk_size=chunk)
+
+    @functools.partial(jax.jit, donate_argnums=(1, 2))
+    def step(frozen, trainable, opt_state, tokens):
+      loss, g = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
+      updates, opt_state = tx.update(g, opt_state, trainable)
+      return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step, [frozen], [trainable, tx.init(trainable)], n_params(trainable), "lora", tokens
+
+  params = jax.jit(model.init)(key, tokens[:1])
+  loss_kw = dict(method="loss", chunk_size=chunk)
+
+  if impl == "full":
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, tokens):
+      loss, g = jax.value_and_grad(lambda p: model.apply(p, tokens, **loss_kw))(params)
+      updates, opt_state = tx.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, [], [params, tx.init(params)], n_params(params), "full", tokens
+
+  if impl == "handwritten":
+    from benchmarks import handwritten
+
+    adapters = handwritten.init_adapters(jax.random.key(2), params, TARGETS[targets], rank)
+    loss_fn = functools.partial(handwritten.loss, config=config, scale=ALPHA / rank, chunk_size=chunk)
+  elif impl in ("lora_jax", "lora_jax_merged"):
+    import lora_jax
+
+    adapters = lora_jax.init(jax.random.key(2), params, _lora_spec(targets, config, rank))
+    mode = "factored" if impl == "lora_jax" else "merged"
+    loss_fn = lora_jax.wrap(functools.partial(model.apply, **loss_kw), mode=mode, fallback="error")
+  elif impl == "lorax":
+    common.extra_site()
+    import lorax
+
+    names = TARGETS[targets]
+
+    def decide(path, arr):
+      keys = [getattr(k, "key", str(k)) for k in path]
+      return rank if any(n in keys for n in names) and keys[-1] == "kernel" else lorax.LORA_FREEZE
+
+    spec = lorax.simple_spec(params, decision_fn=decide, tune_vectors=False)
+    lora_params = lorax.init_lora(params, spec, jax.random.key(2), alpha=ALPHA)
+    frozen_fn = lorax.lora(functools.partial(model.apply, **loss_kw))
+    tx = lorax.wrap_optimizer(tx, spec)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(lp, opt_state, tokens):
+      loss, g = jax.value_and_grad(lambda p: frozen_fn(p, tokens))(lp)
+      updates, opt_state = tx.update(g, opt_state, lp)
+      return optax.apply_updates(lp, updates), opt_state, loss
+
+    return step, [], [lora_params, tx.init(lora_params)], None, "lora", tokens
+  else:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+
+  @functools.partial(jax.jit, donate_argnums=(1, 2))
+  def step(params, adapters, opt_state, tokens):
+    loss, g = jax.value_and_grad(lambda ad: loss_fn(params, ad, tokens))(adapters)
+    updates, opt_state = tx.update(g, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+  return step, [params], [adapters, tx.init(adapters)], n_params(adapters), "lora", tokens
+
+
+def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, peak_tflops: float | None,
+            rank: int = RANK) -> dict[str, Any]:
+  """Builds, compiles and times one variant; returns its row."""
+  import jax
+  import numpy as np
+
+  tune = tunes(cfg)[tune_name]
+  row: dict[str, Any] = dict(impl=impl, targets=targets, tune=tune_name, rank=None if impl == "full" else rank, **tune)
+  try:
+    t0 = time.perf_counter()
+    step, frozen, state, n_trainable, kind, tokens = build(impl, targets, tune, cfg, rank)
+    jax.block_until_ready((frozen, state))
+    row["setup_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    lowered = step.lower(*frozen, *state, tokens)
+    row["trace_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    mem = common.jax_memory_analysis(compiled)
+    row["xla_mem_gib"] = None if not mem or "total" not in mem else round(mem["total"] / 2**30, 3)
+    losses = []
+    box = [state]
+
+    def one():
+      *new, loss = compiled(*frozen, *box[0], tokens)
+      box[0] = new
+      losses.append(loss)
+      return loss
+
+    times = common.time_calls(one, lambda x: x.block_until_ready(), cfg.warmup, cfg.iters)
+    losses = [float(x) for x in losses]
+    if not np.all(np.isfinite(losses)):
+      raise FloatingPointError(f"non-finite loss: {losses}")
+    med = common.median(times)
+    n_ad = n_trainable if kind == "lora" and n_trainable is not None else 0
+    flops = common.train_flops(cfg, kind, n_ad)
+    peak = common.jax_peak_bytes()
+    row.update(
+        trainable_params=n_trainable,
+        step_ms=round(med * 1e3, 2),
+        step_ms_min=round(min(times) * 1e3, 2),
+        step_ms_all=[round(t * 1e3, 2) for t in times],
+        tokens_per_s=round(cfg.tokens / med, 1),
+        model_tflop=round(flops / 1e12, 3),
+        achieved_tflops=round(flops / med / 1e12, 1),
+        mfu=None if not peak_tflops else round(flops / med / 1e12 / peak_tflops, 4),
+        peak_gib=None if peak is None else round(peak / 2**30, 3),
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+    )
+  except Exception as e:  # noqa: BLE001 - a failed variant is a result too
+    row.update(common.error_record(e))
+  return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def _key(impl: str, targets: str, tune: str) -> str:
+  return f"{impl}/{targets}@{tune}"
+
+
+def _parse_key(key: str) -> tuple[str, str, str]:
+  rest, tune = key.split("@")
+  impl, targets = rest.split("/")
+  return impl, targets, tune
+
+
+def pick_best(rows: list[dict[str, Any]]) -> str:
+  ok = [r for r in rows if "error" not in r and r.get("tokens_per_s")]
+  if not ok:
+    return "default"
+  fits = [r for r in ok if r.get("peak_gib") is None or r["peak_gib"] <= MEM_CAP_GIB]
+  pool = fits or ok
+  return max(pool, key=lambda r: r["tokens_per_s"])["tune"]
+
+
+def plan_after_sweep(best: str, cfg: common.BenchConfig) -> list[str]:
+  """Variants after the lora_jax all-linear sweep, most important first."""
+  keys = [
+      _key("lora_jax", "qv", "default"),
+      _key("lora_jax", "qv", best),
+      _key("handwritten", "all", best),
+      _key("qwix", "all", best),
+      _key("lora_jax_merged", "all", best),
+      _key("full", "all", "default"),
+      _key("lorax", "all", best),
+      _key("handwritten", "all", "default"),
+      _key("full", "all", "noremat+chunk"),
+  ]
+  out = []
+  for k in keys:
+    if k not in out:
+      out.append(k)
+  return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="cpu-small", choices=sorted(common.CONFIGS))
+  p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<config>.json)")
+  p.add_argument("--variants", default=None, help="comma-separated impl/targets@tune keys (default: the plan)")
+  p.add_argument("--rank", type=int, default=RANK)
+  p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
+  p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining variants after this many seconds")
+  p.add_argument("--timeout-s", type=float, default=180, help="per-variant subprocess limit")
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--iters", type=int, default=None)
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  over = {k: v for k, v in (("warmup", args.warmup), ("iters", args.iters)) if v is not None}
+  cfg = common.get_config(args.config, **over)
+
+  if args.worker:  # one variant in this (fresh) process
+    import jax  # noqa: F401
+
+    peak = args.peak_tflops or common.jax_matmul_tflops(cfg.matmul_n)
+    row = measure(*_parse_key(args.worker), cfg, peak, args.rank)
+    common.write_json(args.result_file, row)
+    return row
+
+  import jax  # noqa: F401
+
+  t_start = time.perf_counter()
+  inprocess = args.inprocess or cfg.name.startswith("cpu")
+  env = common.env_info("jax")
+  peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
+  env["matmul_peak_tflops"] = round(peak_tflops, 1)
+  env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
+  print(f"device: {env['device']}  measured bf16 matmul peak: {peak_tflops:.0f} TFLOP/s", flush=True)
+
+  rows: list[dict[str, Any]] = []
+  payload = dict(
+      benchmark="train_step", env=env, config=vars(cfg) | {"rank": args.rank, "alpha": ALPHA, "tunes": tunes(cfg)},
+      flop_note=common.FLOP_NOTE, mem_cap_gib=MEM_CAP_GIB, rows=rows,
+  )
+  out = args.out or common.default_out("train_step", cfg)
+
+  def run(key: str) -> dict[str, Any]:
+    if time.perf_counter() - t_start > args.budget_s:
+      row = dict(zip(("impl", "targets", "tune"), _parse_key(key)), skipped="time budget")
+    elif inprocess:
+      row = measure(*_parse_key(key), cfg, peak_tflops, args.rank)
+    else:
+      argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
+              "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
+      remaining = args.budget_s - (time.perf_counter() - t_start)
+      row = run_sub(argv, min(args.timeout_s, max(remaining, 30)), key)
+    row["variant"] = key
+    rows.append(row)
+    common.write_json(out, payload)
+    status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"
+    print(f"  {key:36s} {status}", flush=True)
+    return row
+
+  if args.variants:
+    for key in args.variants.split(","):
+      run(key.strip())
+  else:
+    sweep = [run(_key("lora_jax", "all", t)) for t in tunes(cfg)]
+    best = pick_best(sweep)
+    payload["best_tune"] = best
+    for key in plan_after_sweep(best, cfg):
+      run(key)
+  payload.setdefault("best_tune", pick_best([r for r in rows if r.get("impl") == "lora_jax" and r.get("targets") == "all"]))
+  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+  common.write_json(out, payload)
+  print()
+  print_rows(rows)
+  print(f"best lora_jax all-linear tune (peak <= {MEM_CAP_GIB} GiB): {payload['best_tune']}")
+  print(f"wrote {out}")
+  return payload
+
+
+def run_sub(argv: list[str], timeout: float, key: str) -> dict[str, Any]:
+  return common.run_worker(argv, timeout)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> str:
+  return common.print_table(
+      rows,
+      [("variant", "variant", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+       ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("xla_mem_gib", "XLA plan GiB", ".2f"),
+       ("compile_s", "compile s", ".1f"), ("trainable_params", "trainable", ",d"), ("error", "error", "")],
+  )
+
+
+if __name__ == "__main__":
+  main()

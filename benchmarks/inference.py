@@ -22,19 +22,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 
-RANKS = (8, 16, 64)
+RANKS = {"tinyllama": (8, 16, 64), "cpu-small": (2, 4, 8)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="cpu-small", choices=sorted(common.CONFIGS))
   p.add_argument("--out", default=None)
-  p.add_argument("--ranks", default=",".join(map(str, RANKS)))
+  p.add_argument("--ranks", default=None, help="comma-separated (default: 8,16,64; cpu-small 2,4,8)")
   p.add_argument("--iters", type=int, default=None, help="timed calls per variant (default: 2x the config's)")
   args = p.parse_args(argv)
   cfg = common.get_config(args.config)
   iters = args.iters or 2 * cfg.iters
-  ranks = [int(r) for r in args.ranks.split(",")]
+  ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else list(RANKS[cfg.name])
 
   import jax
   import jax.numpy as jnp

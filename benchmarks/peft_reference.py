@@ -16,6 +16,7 @@ gradient checkpointing, the loss from the model's full logits (``labels=tokens``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--config", default="cpu-small", choices=sorted(common.CONFIGS))
   p.add_argument("--out", default=None)
   p.add_argument("--variants", default=None, help=f"comma-separated keys (default: {','.join(PLAN)})")
+  p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
   p.add_argument("--inprocess", action="store_true")
   p.add_argument("--budget-s", type=float, default=1e9)
   p.add_argument("--timeout-s", type=float, default=240)
@@ -158,10 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
   print(f"device: {env['device']}  measured bf16 matmul peak (torch): {peak_tflops:.0f} TFLOP/s", flush=True)
   inprocess = args.inprocess or cfg.name.startswith("cpu")
+  out = args.out or common.default_out("peft_reference", cfg)
   rows: list[dict[str, Any]] = []
+  if args.append and os.path.exists(out):
+    with open(out) as f:
+      rows = json.load(f).get("rows", [])
   payload = dict(benchmark="peft_reference", env=env, config=vars(cfg) | {"rank": RANK, "alpha": ALPHA},
                  flop_note=common.FLOP_NOTE, rows=rows)
-  out = args.out or common.default_out("peft_reference", cfg)
   keys = args.variants.split(",") if args.variants else list(PLAN)
   for key in keys:
     key = key.strip()
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           min(args.timeout_s, max(remaining, 30)),
       )
     row["variant"] = key
-    rows.append(row)
+    row["run_utc"] = env["date_utc"]
+    rows[:] = [r for r in rows if r.get("variant") != key] + [row]
     common.write_json(out, payload)
     status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"
     print(f"  {key:28s} {status}", flush=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -258,31 +259,31 @@ def pick_best(rows: list[dict[str, Any]]) -> str:
   return max(pool, key=lambda r: r["tokens_per_s"])["tune"]
 
 
-def plan_after_sweep(best: str, cfg: common.BenchConfig) -> list[str]:
-  """Variants after the lora_jax all-linear sweep, most important first."""
-  keys = [
-      _key("lora_jax", "qv", "default"),
-      _key("lora_jax", "qv", best),
-      _key("handwritten", "all", best),
-      _key("qwix", "all", best),
-      _key("lora_jax_merged", "all", best),
+def default_plan() -> list[str]:
+  """The variants, most important first: the lora_jax all-linear sweep, then the rest
+  (``@best`` is resolved to the sweep's best tune when the variant runs)."""
+  return [
+      "sweep",
+      _key("lora_jax", "qv", "best"),
+      _key("handwritten", "all", "best"),
+      _key("qwix", "all", "best"),
       _key("full", "all", "default"),
-      _key("lorax", "all", best),
+      _key("lorax", "all", "best"),
+      _key("lora_jax", "qv", "default"),
+      _key("lora_jax_merged", "all", "best"),
       _key("handwritten", "all", "default"),
       _key("full", "all", "noremat+chunk"),
   ]
-  out = []
-  for k in keys:
-    if k not in out:
-      out.append(k)
-  return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="cpu-small", choices=sorted(common.CONFIGS))
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<config>.json)")
-  p.add_argument("--variants", default=None, help="comma-separated impl/targets@tune keys (default: the plan)")
+  p.add_argument("--variants", default=None,
+                 help="comma-separated impl/targets@tune keys; 'sweep' = lora_jax/all at every tune; "
+                      "'@best' = the best lora_jax/all tune so far (default: the plan)")
+  p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
   p.add_argument("--rank", type=int, default=RANK)
   p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
   p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining variants after this many seconds")
@@ -308,46 +309,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   inprocess = args.inprocess or cfg.name.startswith("cpu")
+  out = args.out or common.default_out("train_step", cfg)
+  old_rows: list[dict[str, Any]] = []
+  if args.append and os.path.exists(out):
+    with open(out) as f:
+      old_rows = json.load(f).get("rows", [])
   env = common.env_info("jax")
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
   env["matmul_peak_tflops"] = round(peak_tflops, 1)
   env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
   print(f"device: {env['device']}  measured bf16 matmul peak: {peak_tflops:.0f} TFLOP/s", flush=True)
 
-  rows: list[dict[str, Any]] = []
+  rows: list[dict[str, Any]] = list(old_rows)
   payload = dict(
       benchmark="train_step", env=env, config=vars(cfg) | {"rank": args.rank, "alpha": ALPHA, "tunes": tunes(cfg)},
       flop_note=common.FLOP_NOTE, mem_cap_gib=MEM_CAP_GIB, rows=rows,
   )
-  out = args.out or common.default_out("train_step", cfg)
+  if old_rows:
+    payload["appended_to_rows_of_earlier_run"] = True
+
+  def best() -> str:
+    return pick_best([r for r in rows if r.get("impl") == "lora_jax" and r.get("targets") == "all"])
 
   def run(key: str) -> dict[str, Any]:
+    impl, targets, tune = _parse_key(key)
+    if tune == "best":
+      tune = best()
+      key = _key(impl, targets, tune)
     if time.perf_counter() - t_start > args.budget_s:
-      row = dict(zip(("impl", "targets", "tune"), _parse_key(key)), skipped="time budget")
+      row = dict(impl=impl, targets=targets, tune=tune, skipped="time budget")
     elif inprocess:
-      row = measure(*_parse_key(key), cfg, peak_tflops, args.rank)
+      row = measure(impl, targets, tune, cfg, peak_tflops, args.rank)
     else:
       argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
               "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
       remaining = args.budget_s - (time.perf_counter() - t_start)
-      row = run_sub(argv, min(args.timeout_s, max(remaining, 30)), key)
+      row = common.run_worker(argv, min(args.timeout_s, max(remaining, 30)))
     row["variant"] = key
-    rows.append(row)
+    row["run_utc"] = env["date_utc"]
+    rows[:] = [r for r in rows if r.get("variant") != key] + [row]
+    payload["best_tune"] = best()
     common.write_json(out, payload)
-    status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"
+    status = row.get("error") or row.get("skipped") or (
+        f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB")
     print(f"  {key:36s} {status}", flush=True)
     return row
 
-  if args.variants:
-    for key in args.variants.split(","):
-      run(key.strip())
-  else:
-    sweep = [run(_key("lora_jax", "all", t)) for t in tunes(cfg)]
-    best = pick_best(sweep)
-    payload["best_tune"] = best
-    for key in plan_after_sweep(best, cfg):
+  keys = [k.strip() for k in args.variants.split(",")] if args.variants else default_plan()
+  for key in keys:
+    if key == "sweep":
+      for t in tunes(cfg):
+        run(_key("lora_jax", "all", t))
+    else:
       run(key)
-  payload.setdefault("best_tune", pick_best([r for r in rows if r.get("impl") == "lora_jax" and r.get("targets") == "all"]))
+  payload["best_tune"] = best()
   payload["wall_s"] = round(time.perf_counter() - t_start, 1)
   common.write_json(out, payload)
   print()
@@ -355,10 +370,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"best lora_jax all-linear tune (peak <= {MEM_CAP_GIB} GiB): {payload['best_tune']}")
   print(f"wrote {out}")
   return payload
-
-
-def run_sub(argv: list[str], timeout: float, key: str) -> dict[str, Any]:
-  return common.run_worker(argv, timeout)
 
 
 def print_rows(rows: list[dict[str, Any]]) -> str:

@@ -63,7 +63,11 @@ def corpora(max_bytes: int) -> tuple[bytes, bytes, str]:
   return python, read_files(os.path.join(paths["stdlib"], "*", "*.py"), max_bytes), "stdlib packages"
 
 
-def make_tokenizer(checkpoint: str | None, vocab_size: int) -> tuple[Callable[[bytes], np.ndarray], Callable[[list[int]], str]]:
+Encode = Callable[[bytes], np.ndarray]
+Decode = Callable[[list[int]], str]
+
+
+def make_tokenizer(checkpoint: str | None, vocab_size: int) -> tuple[Encode, Decode]:
   """``(encode, decode)``: the checkpoint's ``tokenizer.json`` if present, else raw bytes."""
   path = checkpoint and os.path.join(checkpoint, "tokenizer.json")
   if path and os.path.exists(path):
@@ -102,7 +106,8 @@ def pretrain(config: llama.LlamaConfig, tokens: np.ndarray, args: argparse.Names
   """A quick full-parameter pretraining run, so that the LoRA stage starts from a real model."""
   model = llama.LlamaForCausalLM(config)
   params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, args.seq), jnp.int32))
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, args.pretrain_steps), weight_decay=0.01)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, args.pretrain_steps)
+  tx = optax.adamw(schedule, weight_decay=0.01)
   loss_fn = functools.partial(model.apply, method="loss", chunk_size=args.chunk_size)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
   hold = len(target) // 20
   train, val = target[:-hold], target[-hold:]
   python, python_val = python[:-hold], python[-hold:]
-  print(f"data: {len(python):,} tokens of stdlib Python; {len(target):,} tokens of {target_name} to adapt to")
+  print(f"data: {len(python):,} tokens of stdlib Python; {len(target):,} of {target_name} to adapt to")
 
   if args.checkpoint:
     params = llama.load_hf_llama(args.checkpoint, config)
@@ -218,9 +223,14 @@ def main(argv: list[str] | None = None) -> None:
       dt = time.perf_counter() - t0
       print(f"  LoRA step {i:4d}  loss {loss:.4f}  {seen / dt:,.0f} tok/s  ({dt:.1f}s)")
   after = evaluate(adapters, val_batches), evaluate(adapters, python_batches)
-  print(f"adapted model loss: {target_name} {before[0]:.4f} -> {after[0]:.4f}, Python {before[1]:.4f} -> {after[1]:.4f}")
+  print(
+      f"adapted model loss: {target_name} {before[0]:.4f} -> {after[0]:.4f}, "
+      f"Python {before[1]:.4f} -> {after[1]:.4f}"
+  )
 
-  where = lora_jax.save(os.path.join(args.out, "adapters"), adapters, spec, {"steps": args.steps}, params=params)
+  where = lora_jax.save(
+      os.path.join(args.out, "adapters"), adapters, spec, {"steps": args.steps}, params=params
+  )
   print(f"saved adapters to {where}")
 
   # Merge: plain params for the unchanged model code. The merged kernels are rounded to the
@@ -233,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
   scale = float(jnp.max(jnp.abs(wrapped_logits)))
   agree = float(jnp.mean(jnp.argmax(wrapped_logits, -1) == jnp.argmax(merged_logits, -1)))
   tol = 1e-4 if config.param_dtype == jnp.float32 else 0.03
-  print(f"merged vs wrapped logits: max |diff| {diff:.2e} (max |logit| {scale:.1f}), argmax agreement {agree:.1%}")
+  print(
+      f"merged vs wrapped logits: max |diff| {diff:.2e} (max |logit| {scale:.1f}), "
+      f"argmax agreement {agree:.1%}"
+  )
   if diff > tol * max(scale, 1.0):
     sys.exit(f"merged and wrapped logits differ by {diff:.3g}, more than {tol} * {max(scale, 1.0):.3g}")
 

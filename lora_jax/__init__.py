@@ -8,7 +8,7 @@ from lora_jax.layout import infer_layout
 from lora_jax.optim import freeze_base, lora_plus, trainable_mask
 from lora_jax.sharding import adapter_shardings, shard_like
 from lora_jax.spec import LoraSpec, Target
-from lora_jax.transform import LoraFallbackError, LoraFallbackWarning, Report, explain, from_nnx, to_nnx, wrap
+from lora_jax.transform import LoraFallbackError, LoraFallbackWarning, LoraLayoutWarning, Report, explain, from_nnx, to_nnx, wrap
 
 __version__ = "0.1.0"
 
@@ -46,4 +46,5 @@ __all__ = [
     "Report",
     "LoraFallbackError",
     "LoraFallbackWarning",
+    "LoraLayoutWarning",
 ]

@@ -134,6 +134,8 @@ def lora_plus(
   factor (``b`` is the output-side factor, the one that starts at zero for linear kernels).
   Leaves outside :class:`LoraFactors` get exactly-zero updates and no state, as with
   :func:`freeze_base`, so the result works on an adapters tree and on a combined tree alike.
+  Unlike PEFT's ``create_loraplus_optimizer``, embedding adapters get no learning rate of
+  their own: their ``b`` also learns ``ratio`` times faster.
 
   Args:
     optimizer_factory: an optax optimizer constructor taking ``learning_rate`` as a keyword,

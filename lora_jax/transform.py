@@ -42,6 +42,10 @@ class LoraFallbackWarning(UserWarning):
   """An adapted kernel had to be materialised (``W + scale * a @ b``) for one of its uses."""
 
 
+class LoraLayoutWarning(UserWarning):
+  """An adapted kernel is used in a way that suggests its layout ('l'/'i'/'o' axes) is wrong."""
+
+
 class LoraFallbackError(ValueError):
   """Raised instead of materialising when ``wrap(..., fallback="error")``."""
 
@@ -153,6 +157,7 @@ class Report:
 
   paths: list[str]
   uses: list[Use]
+  layout_notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def for_path(self, path: str) -> list[Use]:
     return [u for u in self.uses if u.path == path]
@@ -176,6 +181,8 @@ class Report:
       for u in uses:
         how = "factored" if u.factored else f"MATERIALISED ({u.reason})"
         lines.append(f"{p:<{width}}  {u.primitive}: {how}")
+    for p, note in self.layout_notes.items():
+      lines.append(f"{p:<{width}}  LAYOUT? {note}")
     n_fb = len(self.fallbacks)
     lines.append(f"{len(self.uses) - n_fb} factored use(s), {n_fb} materialised, {len(self.unused)} unused")
     return "\n".join(lines)
@@ -187,6 +194,10 @@ class _Ctx:
   def __init__(self, fallback: str):
     self.fallback = fallback
     self.uses: list[Use] = []
+    self.layout_notes: dict[str, str] = {}
+
+  def layout_note(self, t: _Tracked, why: str) -> None:
+    self.layout_notes.setdefault(t.path, why)
 
   def factored(self, t: _Tracked, prim: str) -> None:
     self.uses.append(Use(t.path, prim, True))
@@ -344,6 +355,13 @@ def _factored_dot(ctx, eqn, lhs, rhs):
   if len(kinds_c) > 1 or kinds_c == {"l"}:
     return None, "the matmul contracts fan-in and fan-out axes of the kernel together"
   first = "o" if kinds_c == {"o"} else "i"
+  free_same = [v for v, (k, _) in enumerate(t.axes) if k == first and v not in tc]
+  if tc and free_same:
+    ctx.layout_note(
+        t,
+        f"a matmul contracts kernel-view axes {list(tc)} but leaves axes {free_same}, also "
+        f"marked {first!r}, free",
+    )
   # Labels: x axes are ('x', k); a kernel axis shares its label with the x axis it meets.
   xl = [("x", k) for k in range(x.ndim)]
   vlab = [("t", v) for v in range(len(t.axes))]
@@ -517,6 +535,8 @@ def _rule_scan(ctx, eqn, *invals):
       xs_meta.append(None)
       continue
     kind, j = v.axes[0]
+    if kind != "l":
+      ctx.layout_note(v, f"scan slices the kernel along an axis marked {kind!r}, not 'l' (a layer axis)")
     a = jnp.moveaxis(v.a, v.a_axis(0), 0) if kind in "li" else v.a
     b = jnp.moveaxis(v.b, v.b_axis(0), 0) if kind in "lo" else v.b
     xs_plain.append((v.w, a if kind in "li" else None, b if kind in "lo" else None))
@@ -669,11 +689,21 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
         counters[c] += 1
       inputs[i] = _Tracked(leaf, f.a, f.b, tuple(axes), f.scale, leaf.dtype, path)
   outs = _finalize(ctx, _eval(ctx, closed.jaxpr, closed.consts, inputs))
-  report = Report([p for p, _, f in rows if f is not None], ctx.uses)
+  report = Report([p for p, _, f in rows if f is not None], ctx.uses, ctx.layout_notes)
   return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs), report
 
 
 def _warn(report: Report) -> None:
+  for p, note in report.layout_notes.items():
+    warnings.warn(
+        f"{p!r}: its layout looks wrong for how the function uses it: {note}. Results are "
+        "exact, but the low-rank update is not the usual per-layer in x out one. State the "
+        f"layout, e.g. LoraSpec(layout={{{p!r}: 'lio'}}) for a stacked (layers, in, out) kernel "
+        "or 'ioo' for a DenseGeneral (in, heads, dim) kernel, or pass "
+        "layout=lora_jax.infer_layout(apply_fn, params, *args).",
+        LoraLayoutWarning,
+        stacklevel=4,
+    )
   for p in report.unused:
     warnings.warn(
         f"{p!r} has adapters but the wrapped function never reads this kernel; its factors "

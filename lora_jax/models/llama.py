@@ -147,7 +147,8 @@ class LlamaConfig:
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for name in sizes:
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"LlamaConfig({name}={value!r}): expected a positive integer.")
@@ -220,7 +221,8 @@ def _rope_scaling_from_hf(d: Mapping[str, Any]) -> RopeScaling | None:
     raise ValueError("rope_scaling: partial_rotary_factor != 1 is not supported.")
   if rope_type == "default":
     return None
-  kw = {k: d[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in d}
+  fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  kw = {k: d[k] for k in fields if k in d}
   return RopeScaling(rope_type=rope_type, **kw)
 
 
@@ -416,6 +418,8 @@ class LlamaAttention(nn.Module):
     q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
     k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    if mask is not None and c.attention_implementation == "cudnn":
+      mask = jnp.broadcast_to(mask, (b, 1, t, t))  # cuDNN wants the query axis spelled out
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, implementation=c.attention_implementation
     )
@@ -721,11 +725,14 @@ def _torch_shapes(c: LlamaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
   }
 
 
-def hf_param_shapes(config: LlamaConfig, *, include_tied_lm_head: bool = False) -> dict[str, tuple[int, ...]]:
+def hf_param_shapes(
+    config: LlamaConfig, *, include_tied_lm_head: bool = False
+) -> dict[str, tuple[int, ...]]:
   """Every Hugging Face ``state_dict`` key this config uses, with its torch shape, in order.
 
-  >>> list(hf_param_shapes(LlamaConfig.tiny(num_hidden_layers=1)))[:3]
-  ['model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight']
+  >>> shapes = hf_param_shapes(LlamaConfig.tiny(num_hidden_layers=1))
+  >>> list(shapes)[:2], shapes['model.layers.0.self_attn.k_proj.weight']
+  (['model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight'], (32, 64))
   """
   return {k: v[0] for k, v in _expected(config, include_tied_lm_head).items()}
 
@@ -857,7 +864,9 @@ def _check_keys(present: list[str], expected: Mapping[str, Any], config: LlamaCo
     if missing == ["lm_head.weight"]:
       hints.append("a checkpoint without lm_head.weight has tied embeddings: set tie_word_embeddings=True")
     if not any(k.startswith("model.") for k in present):
-      hints.append("keys should look like 'model.layers.0.self_attn.q_proj.weight' (LlamaForCausalLM's state_dict)")
+      hints.append(
+          "keys should look like 'model.layers.0.self_attn.q_proj.weight' (LlamaForCausalLM's state_dict)"
+      )
     raise ValueError(
         f"load_hf_llama: the checkpoint lacks {len(missing)} key(s) the config needs: "
         f"{_fmt_keys(missing)}." + (f" Hint: {'; '.join(hints)}." if hints else "")
@@ -871,8 +880,9 @@ def _check_keys(present: list[str], expected: Mapping[str, Any], config: LlamaCo
   ]
   if extra and strict:
     hints = []
-    if _layer_count(present) > config.num_hidden_layers:
-      hints.append(f"the checkpoint has {_layer_count(present)} layers, the config {config.num_hidden_layers}")
+    found_layers = _layer_count(present)
+    if found_layers > config.num_hidden_layers:
+      hints.append(f"the checkpoint has {found_layers} layers, the config {config.num_hidden_layers}")
     if any(k.endswith(".bias") for k in extra):
       hints.append("bias terms (attention_bias / mlp_bias) are not supported")
     raise ValueError(
@@ -1038,7 +1048,8 @@ def to_hf_llama(
   for path, shape in want.items():
     found = tuple(np.shape(flat[path]))
     if found != shape:
-      raise ValueError(f"to_hf_llama: {'/'.join(path)!r} has shape {found}, but the config expects {shape}.")
+      name = "/".join(path)
+      raise ValueError(f"to_hf_llama: {name!r} has shape {found}, but the config expects {shape}.")
 
   def out(x: Any, transpose: bool) -> np.ndarray:
     arr = np.asarray(x)

@@ -1,0 +1,252 @@
+"""Turns the benchmark JSON files into ``benchmarks/results/README.md`` and PNG plots.
+
+    python benchmarks/report.py                    # tinyllama results
+    python benchmarks/report.py --config cpu-small --results /tmp/res
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+TARGETS = dict(vs_peft_all=1.5, vs_hand=1.15, mem_gib=4.0, vs_peft_qv=1.1, vs_qwix=1.0, mfu=0.45)
+
+
+def _load(results: str, name: str, config: str) -> dict[str, Any] | None:
+  path = os.path.join(results, f"{name}_{config}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _ok(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+  return [r for r in rows or [] if "error" not in r and "skipped" not in r]
+
+
+def _find(rows, **kw) -> dict[str, Any] | None:
+  for r in _ok(rows):
+    if all(r.get(k) == v for k, v in kw.items()):
+      return r
+  return None
+
+
+def _v(x: Any, spec: str) -> str:
+  return common.fmt(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else ("-" if x is None else str(x))
+
+
+def md_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
+  lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join(_v(r.get(k), s).replace("|", "/") for k, _, s in cols) + " |")
+  return "\n".join(lines)
+
+
+def _ratio(a: dict | None, b: dict | None, key: str = "tokens_per_s") -> float | None:
+  if not a or not b or not a.get(key) or not b.get(key):
+    return None
+  return a[key] / b[key]
+
+
+def _env_line(payload: dict[str, Any] | None) -> str:
+  if not payload:
+    return "not run"
+  e = payload["env"]
+  v = {k: x for k, x in e.get("versions", {}).items() if x}
+  vers = ", ".join(f"{k} {x}" for k, x in v.items())
+  peak = e.get("matmul_peak_tflops")
+  extra = f"; measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""
+  return f"{e.get('device')} ({e.get('platform')}), {e.get('date_utc')}{extra}; {vers}; commit {e.get('lora_jax_commit')}"
+
+
+def targets_table(train: dict | None, peft: dict | None) -> tuple[str, list[dict[str, Any]]]:
+  trows = (train or {}).get("rows", [])
+  prows = (peft or {}).get("rows", [])
+  best = (train or {}).get("best_tune", "default")
+  out = []
+  for label, tune in (("best", best), ("default", "default")):
+    la = _find(trows, impl="lora_jax", targets="all", tune=tune)
+    lq = _find(trows, impl="lora_jax", targets="qv", tune=tune)
+    hand = _find(trows, impl="handwritten", targets="all", tune=tune)
+    qw = _find(trows, impl="qwix", targets="all", tune=tune)
+    pa = _find(prows, impl="peft_lora", targets="all", mode="compile")
+    pq = _find(prows, impl="peft_lora", targets="qv", mode="compile")
+    checks = [
+        ("all-linear tokens/s vs PEFT+compile", _ratio(la, pa), TARGETS["vs_peft_all"], "x"),
+        ("all-linear tokens/s vs hand-written JAX (same tune)", _ratio(la, hand), TARGETS["vs_hand"], "x"),
+        ("all-linear peak memory (GiB)", la and la.get("peak_gib"), TARGETS["mem_gib"], "<="),
+        ("q,v tokens/s vs PEFT+compile", _ratio(lq, pq), TARGETS["vs_peft_qv"], "x"),
+        ("all-linear tokens/s vs qwix (same tune)", _ratio(la, qw), TARGETS["vs_qwix"], "x"),
+        ("all-linear MFU", la and la.get("mfu"), TARGETS["mfu"], "x"),
+    ]
+    for what, got, want, how in checks:
+      if got is None:
+        verdict = "not measured"
+      elif how == "<=":
+        verdict = "meets" if got <= want else "MISSES"
+      else:
+        verdict = "meets" if got >= want else "MISSES"
+      out.append(dict(config=f"{label} ({tune})", what=what, measured=got,
+                      target=(f"<= {want}" if how == "<=" else f">= {want}"), verdict=verdict))
+  text = md_table(out, [("config", "lora_jax tune", ""), ("what", "target", ""), ("measured", "measured", ".3f"),
+                        ("target", "goal", ""), ("verdict", "verdict", "")])
+  return text, out
+
+
+def train_rows(train: dict | None, peft: dict | None) -> list[dict[str, Any]]:
+  rows = []
+  pa = _find((peft or {}).get("rows"), impl="peft_lora", targets="all", mode="compile")
+  pq = _find((peft or {}).get("rows"), impl="peft_lora", targets="qv", mode="compile")
+  for r in (train or {}).get("rows", []):
+    ref = pq if r.get("targets") == "qv" else pa
+    rows.append(dict(r, framework="JAX", setting=r.get("tune"),
+                     vs_peft=_ratio(r, ref) if r.get("impl") != "full" else None,
+                     status=r.get("error") or r.get("skipped") or "ok"))
+  for r in (peft or {}).get("rows", []):
+    rows.append(dict(r, framework="PyTorch", impl=r.get("impl", r.get("kind")), setting=r.get("mode"),
+                     vs_peft=_ratio(r, pq if r.get("targets") == "qv" else pa) if r.get("impl") == "peft_lora" else None,
+                     status=r.get("error") or r.get("skipped") or "ok"))
+  return rows
+
+
+def plot_train(rows: list[dict[str, Any]], path: str) -> bool:
+  ok = [r for r in rows if r.get("tokens_per_s")]
+  if not ok:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ok.sort(key=lambda r: r["tokens_per_s"])
+  labels = [f"{r['framework']}: {r['impl']}/{r.get('targets')} @{r['setting']}" for r in ok]
+  colors = ["tab:blue" if r["impl"] == "lora_jax" else "tab:orange" if r["framework"] == "PyTorch" else "tab:gray" for r in ok]
+  fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(ok) + 1.5), sharey=True)
+  axes[0].barh(labels, [r["tokens_per_s"] for r in ok], color=colors)
+  axes[0].set_xlabel("training tokens/s (higher is better)")
+  axes[1].barh(labels, [r.get("peak_gib") or 0 for r in ok], color=colors)
+  axes[1].set_xlabel("peak device memory, GiB (lower is better)")
+  fig.suptitle("Llama at TinyLlama-1.1B shapes, batch 4 x 1024, bf16, AdamW")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def plot_scaling(scaling: dict | None, path: str) -> bool:
+  rows = _ok((scaling or {}).get("rows"))
+  if not rows:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  for ax, axis, xkey in ((axes[0], "rank", "rank"), (axes[1], "layers", "layers")):
+    pts = sorted((r for r in rows if r["axis"] == axis), key=lambda r: r[xkey])
+    if not pts:
+      continue
+    xs = [r[xkey] for r in pts]
+    ax.plot(xs, [r["step_ms"] for r in pts], "o-", color="tab:blue", label="step ms")
+    ax.set_xlabel(xkey + (" (log scale)" if axis == "rank" else ""))
+    if axis == "rank":
+      ax.set_xscale("log", base=2)
+    ax.set_ylabel("step time, ms", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r.get("xla_mem_gib") or 0 for r in pts], "s--", color="tab:red", label="memory")
+    ax2.set_ylabel("XLA memory plan, GiB", color="tab:red")
+    ax.set_title(f"lora_jax all-linear step vs {axis}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def main(argv: list[str] | None = None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="tinyllama")
+  p.add_argument("--results", default=common.RESULTS)
+  p.add_argument("--out", default=None, help="markdown path (default <results>/README.md)")
+  args = p.parse_args(argv)
+  res = args.results
+  train = _load(res, "train_step", args.config)
+  peft = _load(res, "peft_reference", args.config)
+  inf = _load(res, "inference", args.config)
+  scaling = _load(res, "scaling", args.config)
+  over = _load(res, "overheads", args.config)
+  parts = [f"# Benchmark results ({args.config})", "",
+           "Generated by `python benchmarks/report.py` from the JSON files beside this page; "
+           "`benchmarks/README.md` says how to reproduce them.", ""]
+  parts += ["## Environment", ""]
+  for name, payload in (("train_step", train), ("peft_reference", peft), ("inference", inf), ("scaling", scaling), ("overheads", over)):
+    parts.append(f"- **{name}**: {_env_line(payload)}")
+  parts.append("")
+  if train:
+    c = train["config"]
+    parts += [f"Model: Llama, hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, "
+              f"MLP {c['mlp']}, vocab {c['vocab']}; bf16 params and compute; batch {c['batch']} x {c['seq']} tokens; "
+              f"AdamW; LoRA r={c['rank']}, alpha={c['alpha']:g}. Median of {c['iters']} steps after {c['warmup']} warm-up steps.", ""]
+    parts += [f"{train.get('flop_note', common.FLOP_NOTE)}", ""]
+    tunes = c.get("tunes", {})
+    if tunes:
+      parts.append("JAX tunes: " + "; ".join(
+          f"`{k}` = remat {'off' if not v['remat'] else (v['remat_policy'] or 'nothing_saveable')}, "
+          f"cross-entropy {'chunked ' + str(v['chunk']) if v['chunk'] else 'full logits'}" for k, v in tunes.items()) + ".")
+      parts.append(f"Best lora_jax all-linear tune (fastest with peak <= {train.get('mem_cap_gib', 4)} GiB): "
+                   f"**{train.get('best_tune')}**.")
+      parts.append("")
+  parts += ["## Targets", ""]
+  ttext, _ = targets_table(train, peft)
+  parts += [ttext, ""]
+  rows = train_rows(train, peft)
+  parts += ["## Training step", "",
+            md_table(rows, [("framework", "framework", ""), ("impl", "implementation", ""), ("targets", "targets", ""),
+                            ("setting", "config", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                            ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("vs_peft", "x PEFT+compile", ".2f"),
+                            ("compile_s", "compile s", ".1f"), ("status", "status", "")]), ""]
+  if plot_train(rows, os.path.join(res, f"train_step_{args.config}.png")):
+    parts += [f"![training step](train_step_{args.config}.png)", ""]
+  errors = [r for r in rows if r.get("error")]
+  if errors:
+    parts += ["Errors, as recorded:", ""]
+    for r in errors:
+      parts.append(f"- `{r.get('variant')}`: {r['error']}")
+    parts.append("")
+  if inf:
+    parts += ["## Inference (forward, full logits)", "",
+              md_table(inf["rows"], [("variant", "variant", ""), ("ms", "ms", ".2f"), ("vs_base", "x base", ".3f"),
+                                     ("tokens_per_s", "tokens/s", ",.0f"), ("rel_l2_diff_vs_merged", "rel. L2 diff vs merged", ".2e"),
+                                     ("argmax_agree_vs_merged", "argmax agreement", ".4f"), ("b0_equals_base", "b=0 equals base", ""),
+                                     ("error", "error", "")]), ""]
+  if scaling:
+    c = scaling["config"]
+    parts += [f"## Scaling (lora_jax {c.get('targets')}, tune `{c.get('tune')}`)", "", scaling.get("memory_note", ""), "",
+              md_table(scaling["rows"], [("axis", "axis", ""), ("rank", "rank", "d"), ("layers", "layers", "d"),
+                                         ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
+                                         ("xla_mem_gib", "XLA plan GiB", ".2f"), ("trainable_params", "trainable", ",d"),
+                                         ("error", "error", ""), ("skipped", "skipped", "")]), ""]
+    if plot_scaling(scaling, os.path.join(res, f"scaling_{args.config}.png")):
+      parts += [f"![scaling](scaling_{args.config}.png)", ""]
+  if over:
+    parts += ["## Overheads", "",
+              md_table(over["rows"], [("what", "what", ""), ("trace_s", "trace s", ".3f"), ("compile_s", "compile s", ".2f"),
+                                      ("first_call_s", "first call s", ".4f"), ("median_s", "median s", ".4f"), ("error", "error", "")]), ""]
+  text = "\n".join(parts)
+  out = args.out or os.path.join(res, "README.md")
+  with open(out, "w") as f:
+    f.write(text)
+  print(text)
+  print(f"wrote {out}")
+  return text
+
+
+if __name__ == "__main__":
+  main()

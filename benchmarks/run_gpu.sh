@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Runs the GPU benchmark suite (config tinyllama) on one GPU, time-boxed, writing into $OUT:
+#   $OUT/results.tgz   the JSON files (packed after every stage and every 20 s)
+#   $OUT/log.txt       everything printed
+# Then, on the machine you work on:
+#   tar -xzf results.tgz -C benchmarks/results && python benchmarks/report.py
+#
+# Usage: bash benchmarks/run_gpu.sh [stage ...]
+#   stages: train peft inference overheads scaling (default: all five, in that order)
+# Environment (all optional):
+#   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
+#   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
+#   APPEND=1: start from the JSON files in benchmarks/results and add/replace rows
+#   TRAIN_BUDGET PEFT_BUDGET INFER_BUDGET OVER_BUDGET SCALING_BUDGET: seconds per stage
+# Extras: wheels in .whl/ (qwix, jax-lorax and their needs) are installed with --target into
+# /tmp/site_extra, which only the qwix / lorax variants put on their path.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench_out}
+CONFIG=${CONFIG:-tinyllama}
+RES=/tmp/bench_results
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$RES"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+start=$SECONDS
+deadline=$((SECONDS + ${BUDGET_S:-540}))
+left() { echo $((deadline - SECONDS)); }
+pack() { tar -czf "$OUT/results.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
+stage_budget() {  # min(requested, time left - 20)
+  local want=$1 l
+  l=$(( $(left) - 20 ))
+  (( l < want )) && want=$l
+  (( want < 0 )) && want=0
+  echo "$want"
+}
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU in turn
+export TOKENIZERS_PARALLELISM=false
+
+echo "== $(date -u +%FT%TZ) run_gpu.sh $* (config $CONFIG, budget ${BUDGET_S:-540}s)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+$PY - <<'EOF'
+import importlib.metadata as m
+for n in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "torch", "transformers", "peft", "numpy"):
+  try:
+    print(f"  {n} {m.version(n)}")
+  except Exception:
+    pass
+EOF
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_extra .whl/*.whl \
+    && export LORA_BENCH_EXTRA_SITE=/tmp/site_extra && echo "  extras installed: $(ls .whl | tr '\n' ' ')"
+fi
+if [[ "${APPEND:-0}" == 1 ]]; then
+  cp benchmarks/results/*_"$CONFIG".json "$RES"/ 2>/dev/null
+  APPEND_FLAG=--append
+else
+  APPEND_FLAG=
+fi
+( while sleep 20; do pack; done ) &
+packer=$!
+
+stages=("$@")
+(( ${#stages[@]} )) || stages=(train peft inference overheads scaling)
+for stage in "${stages[@]}"; do
+  echo "== stage $stage at +$((SECONDS - start))s, $(left)s left"
+  if (( $(left) < 40 )); then echo "== stage $stage skipped: time budget"; continue; fi
+  case $stage in
+    train)
+      b=$(stage_budget "${TRAIN_BUDGET:-300}")
+      timeout $((b + 150)) $PY benchmarks/train_step.py --config "$CONFIG" --out "$RES/train_step_$CONFIG.json" \
+        --budget-s "$b" --timeout-s 170 $APPEND_FLAG ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
+    peft)
+      b=$(stage_budget "${PEFT_BUDGET:-170}")
+      timeout $((b + 200)) $PY benchmarks/peft_reference.py --config "$CONFIG" --out "$RES/peft_reference_$CONFIG.json" \
+        --budget-s "$b" --timeout-s 200 $APPEND_FLAG ${PEFT_VARIANTS:+--variants "$PEFT_VARIANTS"} ;;
+    inference)
+      b=$(stage_budget "${INFER_BUDGET:-70}")
+      timeout "$b" $PY benchmarks/inference.py --config "$CONFIG" --out "$RES/inference_$CONFIG.json" ;;
+    overheads)
+      b=$(stage_budget "${OVER_BUDGET:-70}")
+      timeout "$b" $PY benchmarks/overheads.py --config "$CONFIG" --out "$RES/overheads_$CONFIG.json" --no-train ;;
+    scaling)
+      tune=$($PY -c "import json,sys; print(json.load(open(sys.argv[1])).get('best_tune') or 'remat+chunk')" \
+        "$RES/train_step_$CONFIG.json" 2>/dev/null || echo remat+chunk)
+      b=$(stage_budget "${SCALING_BUDGET:-150}")
+      timeout $((b + 60)) $PY benchmarks/scaling.py --config "$CONFIG" --out "$RES/scaling_$CONFIG.json" \
+        --tune "$tune" --budget-s "$b" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "== stage $stage exited $? at +$((SECONDS - start))s"
+  pack
+done
+kill "$packer" 2>/dev/null
+pack
+ls -la "$RES"
+echo "== done in $((SECONDS - start))s"

@@ -50,8 +50,11 @@ for n in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "op
     pass
 EOF
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_extra .whl/*.whl \
-    && export LORA_BENCH_EXTRA_SITE=/tmp/site_extra && echo "  extras installed: $(ls .whl | tr '\n' ' ')"
+  for w in .whl/*.whl; do  # one at a time: a wheel that does not fit this Python skips only itself
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_extra "$w" \
+      && echo "  extra installed: $(basename "$w")"
+  done
+  export LORA_BENCH_EXTRA_SITE=/tmp/site_extra
 fi
 if [[ "${APPEND:-0}" == 1 ]]; then
   cp benchmarks/results/*_"$CONFIG".json "$RES"/ 2>/dev/null

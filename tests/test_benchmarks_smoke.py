@@ -1,0 +1,90 @@
+"""The benchmark scripts run end to end at ``--config cpu-small`` and write the JSON they promise.
+
+The three scripts run at once, each in its own subprocess (as a user would run them), with
+the smallest settings; the GPU numbers themselves come from ``benchmarks/run_gpu.sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNS = {
+    "train_step": ["--variants", "lora_jax/all@remat+chunk,handwritten/all@remat+chunk", "--warmup", "1", "--iters", "2"],
+    "inference": ["--ranks", "2", "--iters", "2"],
+    "overheads": ["--no-train", "--repeats", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  procs = {}
+  for script, extra in RUNS.items():
+    out = tmp / f"{script}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--config", "cpu-small", "--out", str(out), *extra]
+    procs[script] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
+  found = {}
+  for script, (proc, out) in procs.items():
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{stderr[-3000:]}"
+    assert "wrote" in stdout  # the table was printed and the file named
+    found[script] = json.loads(out.read_text())
+  return found
+
+
+def _check_env(payload, benchmark):
+  assert payload["benchmark"] == benchmark
+  env = payload["env"]
+  for key in ("device", "platform", "date_utc", "python", "versions"):
+    assert env.get(key), f"{benchmark}: env lacks {key!r}"
+  assert env["versions"]["jax"] and env["versions"]["lora_jax"]
+  assert payload["config"]["name"] == "cpu-small"
+
+
+def test_train_step_json(results):
+  payload = results["train_step"]
+  _check_env(payload, "train_step")
+  assert payload["env"]["matmul_peak_tflops"] > 0
+  assert payload["best_tune"] == "remat+chunk"
+  rows = {r["variant"]: r for r in payload["rows"]}
+  assert set(rows) == {"lora_jax/all@remat+chunk", "handwritten/all@remat+chunk"}
+  for key, r in rows.items():
+    assert "error" not in r, f"{key}: {r.get('error')}\n{r.get('traceback_tail')}"
+    for field in ("step_ms", "tokens_per_s", "mfu", "model_tflop", "trainable_params", "compile_s", "trace_s", "loss_first"):
+      assert r[field] is not None, f"{key}: {field} missing"
+    assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+    assert len(r["step_ms_all"]) == 2
+  # Same adapters (all-linear, r=16) in both implementations.
+  assert rows["lora_jax/all@remat+chunk"]["trainable_params"] == rows["handwritten/all@remat+chunk"]["trainable_params"]
+
+
+def test_inference_json(results):
+  payload = results["inference"]
+  _check_env(payload, "inference")
+  rows = {r["variant"]: r for r in payload["rows"]}
+  assert set(rows) == {"base", "merged r=2", "factored r=2"}
+  for r in rows.values():
+    assert "error" not in r and r["ms"] > 0
+  f = rows["factored r=2"]
+  assert f["b0_equals_base"] is True
+  assert f["rel_l2_diff_vs_merged"] < 0.05  # bf16: factored and merged agree to rounding
+  assert f["rel_l2_update"] > 0  # the adapters did change the output
+
+
+def test_overheads_json(results):
+  payload = results["overheads"]
+  _check_env(payload, "overheads")
+  rows = {r["what"]: r for r in payload["rows"]}
+  for what in ("init (eager)", "merge (jit)", "unmerge (jit)", "count"):
+    assert "error" not in rows[what] and rows[what]["median_s"] >= 0
+  for what in ("forward loss: bare model", "forward loss: wrap (factored)"):
+    assert "error" not in rows[what] and rows[what]["trace_s"] > 0 and rows[what]["compile_s"] > 0
+  assert payload["lora_params"] > 0

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--out", default=None)
   p.add_argument("--variants", default=None, help=f"comma-separated keys (default: {','.join(PLAN)})")
   p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
+  p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
   p.add_argument("--inprocess", action="store_true")
   p.add_argument("--budget-s", type=float, default=1e9)
   p.add_argument("--timeout-s", type=float, default=240)
@@ -156,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   t_start = time.perf_counter()
   env = common.env_info("torch")
   peak_tflops = common.torch_matmul_tflops(cfg.matmul_n)
-  env["matmul_peak_tflops"] = round(peak_tflops, 1)
+  env["matmul_peak_tflops"] = round(peak_tflops, 3)
   env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
   print(f"device: {env['device']}  measured bf16 matmul peak (torch): {peak_tflops:.0f} TFLOP/s", flush=True)
-  inprocess = args.inprocess or cfg.name.startswith("cpu")
+  inprocess = args.inprocess or (cfg.name.startswith("cpu") and not args.isolate)
   out = args.out or common.default_out("peft_reference", cfg)
   rows: list[dict[str, Any]] = []
   if args.append and os.path.exists(out):

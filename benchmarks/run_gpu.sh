@@ -38,6 +38,9 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU in turn
 export TOKENIZERS_PARALLELISM=false
+# Later processes reuse executables and XLA's autotuning results of earlier ones (so compile_s
+# in train_step/scaling is warm); overheads.py switches the cache off to time cold compiles.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 
 echo "== $(date -u +%FT%TZ) run_gpu.sh $* (config $CONFIG, budget ${BUDGET_S:-540}s)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   t_start = time.perf_counter()
   env = common.env_info("jax")
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
-  env["matmul_peak_tflops"] = round(peak_tflops, 1)
+  env["matmul_peak_tflops"] = round(peak_tflops, 3)
   rows: list[dict[str, Any]] = []
   payload = dict(benchmark="scaling", env=env, config=vars(cfg) | {"tune": args.tune, "targets": args.targets,
                  "base_rank": train_step.RANK, "base_layers": cfg.layers},

@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "'@best' = the best lora_jax/all tune so far (default: the plan)")
   p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
   p.add_argument("--rank", type=int, default=RANK)
+  p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
   p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
   p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining variants after this many seconds")
   p.add_argument("--timeout-s", type=float, default=180, help="per-variant subprocess limit")
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax  # noqa: F401
 
   t_start = time.perf_counter()
-  inprocess = args.inprocess or cfg.name.startswith("cpu")
+  inprocess = args.inprocess or (cfg.name.startswith("cpu") and not args.isolate)
   out = args.out or common.default_out("train_step", cfg)
   old_rows: list[dict[str, Any]] = []
   if args.append and os.path.exists(out):
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       old_rows = json.load(f).get("rows", [])
   env = common.env_info("jax")
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
-  env["matmul_peak_tflops"] = round(peak_tflops, 1)
+  env["matmul_peak_tflops"] = round(peak_tflops, 3)
   env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])
   print(f"device: {env['device']}  measured bf16 matmul peak: {peak_tflops:.0f} TFLOP/s", flush=True)
 

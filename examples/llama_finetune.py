@@ -9,7 +9,7 @@
    domain: the C headers that ship with Python (``Python.h`` and friends), under ``jit``, with
    a chunked cross-entropy so the ``(B, T, V)`` logits are never formed.
 3. Save the adapters, merge them into plain params, check that the unchanged model given the
-   merged params computes what the wrapped model computes, and sample a greedy continuation.
+   merged params computes what the wrapped model computes, and sample a continuation.
 
 Runs on CPU in one to two minutes with the defaults:
 
@@ -106,7 +106,8 @@ def pretrain(config: llama.LlamaConfig, tokens: np.ndarray, args: argparse.Names
   """A quick full-parameter pretraining run, so that the LoRA stage starts from a real model."""
   model = llama.LlamaForCausalLM(config)
   params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, args.seq), jnp.int32))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.pretrain_lr, 20, args.pretrain_steps)
+  warmup = min(20, args.pretrain_steps // 5)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, args.pretrain_lr, warmup, args.pretrain_steps)
   tx = optax.adamw(schedule, weight_decay=0.01)
   loss_fn = functools.partial(model.apply, method="loss", chunk_size=args.chunk_size)
 

@@ -198,10 +198,7 @@ def count(adapters: PyTree, params: PyTree | None = None) -> LoraCount:
     found = [(path_str(p), f) for p, f in flat if isinstance(f, LoraFactors)]
   rows = []
   for path, f in found:
-    nl = f.layout.count("l")
-    shape = tuple(f.a.shape[:-1]) + tuple(f.b.shape[nl + 1 :])
-    kernel_shape = _kernel_shape(f, shape)
-    rows.append((path, kernel_shape, f.rank, int(np.prod(f.a.shape) + np.prod(f.b.shape))))
+    rows.append((path, f.kernel_shape, f.rank, int(np.prod(f.a.shape) + np.prod(f.b.shape))))
   trainable_bytes = sum(_nbytes(f.a) + _nbytes(f.b) for _, f in found)
   base = base_bytes = None
   if params is not None:
@@ -209,12 +206,3 @@ def count(adapters: PyTree, params: PyTree | None = None) -> LoraCount:
     base = sum(int(np.prod(x.shape)) for x in leaves)
     base_bytes = sum(_nbytes(x) for x in leaves)
   return LoraCount(tuple(rows), sum(r[3] for r in rows), trainable_bytes, base, base_bytes)
-
-
-def _kernel_shape(f: LoraFactors, grouped: tuple[int, ...]) -> tuple[int, ...]:
-  """Kernel shape from factor shapes ((L, I, O) order) put back in the layout's order."""
-  order = [i for c in "lio" for i, x in enumerate(f.layout) if x == c]
-  shape = [0] * len(f.layout)
-  for dim, axis in zip(grouped, order):
-    shape[axis] = dim
-  return tuple(shape)

@@ -37,6 +37,11 @@ class LoraFactors:
   def rank(self) -> int:
     return int(self.a.shape[-1])
 
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    """Shape of the kernel these factors adapt."""
+    return kernel_shape(tuple(self.a.shape), tuple(self.b.shape), self.layout)
+
   def delta(self, dtype: Any = None) -> Array:
     """``scale * a @ b`` arranged like the kernel (materialises the full-size update)."""
     return kernel_delta(self.a, self.b, self.scale, self.layout, dtype)
@@ -44,6 +49,17 @@ class LoraFactors:
 
 def layout_counts(layout: str) -> tuple[int, int, int]:
   return layout.count("l"), layout.count("i"), layout.count("o")
+
+
+def kernel_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+  """The kernel shape that factors of these shapes adapt (inverse of :func:`factor_shapes`)."""
+  nl, ni, no = layout_counts(layout)
+  grouped = list(a_shape[: nl + ni]) + list(b_shape[nl + 1 : nl + 1 + no])
+  order = [i for c in "lio" for i, x in enumerate(layout) if x == c]
+  shape = [0] * len(layout)
+  for dim, axis in zip(grouped, order):
+    shape[axis] = dim
+  return tuple(shape)
 
 
 def factor_shapes(kernel_shape: tuple[int, ...], layout: str, rank: int):

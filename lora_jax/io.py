@@ -25,8 +25,8 @@ import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby, path_str, tree_from_entries
 from lora_jax.adapters import check_adapters, merge
-from lora_jax.adapters_node import LoraFactors, factor_shapes, layout_counts
-from lora_jax.spec import LoraSpec, _first_match
+from lora_jax.adapters_node import LoraFactors, factor_shapes, kernel_shape, layout_counts
+from lora_jax.spec import LoraSpec
 
 PyTree = Any
 
@@ -496,7 +496,7 @@ def save(
     rank = f.rank
     alpha = _alpha(f.scale, rank, rslora)
     if spec is not None:
-      alpha = float(_first_match(spec.alpha_pattern, name, set(), spec.alpha))
+      alpha = float(spec.alpha_for(name))
       if not math.isclose(spec.scale_for(rank, alpha), f.scale, rel_tol=1e-9, abs_tol=0.0):
         raise ValueError(
             f"{name!r}: the spec gives scale {spec.scale_for(rank, alpha)} (rank {rank}, alpha "
@@ -513,7 +513,7 @@ def save(
     }
     leaf = kernels.get(name)
     base[name] = {
-        "shape": list(_kernel_shape(a.shape, b.shape, f.layout)),
+        "shape": list(kernel_shape(a.shape, b.shape, f.layout)),
         "dtype": None if leaf is None else _dtype_name(leaf.dtype),
     }
   meta = dict(metadata or {})
@@ -554,16 +554,6 @@ def save(
 def _fingerprint(base: Mapping[str, Any]) -> str:
   canon = json.dumps({k: [v["shape"], v["dtype"]] for k, v in sorted(base.items())}, separators=(",", ":"))
   return hashlib.sha256(canon.encode()).hexdigest()[:16]
-
-
-def _kernel_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-  nl, ni, no = layout_counts(layout)
-  grouped = list(a_shape[: nl + ni]) + list(b_shape[nl + 1 : nl + 1 + no])
-  order = [i for c in "lio" for i, x in enumerate(layout) if x == c]
-  shape = [0] * len(layout)
-  for dim, axis in zip(grouped, order):
-    shape[axis] = dim
-  return tuple(shape)
 
 
 def _check_factors(name: str, a: Any, b: Any, layout: str, *, err: type = AdapterFileError, where: str = "") -> None:
@@ -700,7 +690,7 @@ def load(
   for name, e in entries.items():
     a, b = tensors[f"{name}/a"], tensors[f"{name}/b"]
     _check_factors(name, a, b, e["layout"], where=f"{tensor_path}: ")
-    shape = _kernel_shape(a.shape, b.shape, e["layout"])
+    shape = kernel_shape(a.shape, b.shape, e["layout"])
     if a.shape[-1] != e["rank"] or list(shape) != kernels[name]["shape"]:
       raise AdapterFileError(
           f"{tensor_path}: {name!r}: factors a{a.shape}, b{b.shape} do not match the config "
@@ -741,7 +731,7 @@ def _mirror(
       raise ValueError(f"{source}: {name!r}: params hold shape {shape}, the adapters were saved for a kernel of layout {f.layout!r}.")
     want_a, want_b = factor_shapes(shape, f.layout, f.rank)
     if (tuple(f.a.shape), tuple(f.b.shape)) != (want_a, want_b):
-      saved = _kernel_shape(f.a.shape, f.b.shape, f.layout)
+      saved = kernel_shape(f.a.shape, f.b.shape, f.layout)
       raise ValueError(
           f"{source}: {name!r}: adapters were saved for a kernel of shape {saved}, params hold "
           f"{shape}. Load them onto the model they were trained for."

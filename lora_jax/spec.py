@@ -102,6 +102,14 @@ class LoraSpec:
       if not isinstance(t, str) or not t:
         raise TypeError(f"LoraSpec(targets=...): entry {t!r} is not a non-empty module name.")
 
+  def rank_for(self, path: str) -> int:
+    """The rank this spec gives the kernel at ``path`` (``rank_pattern``, first match wins)."""
+    return int(_first_match(self.rank_pattern, path, set(), self.rank))
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha this spec gives the kernel at ``path`` (``alpha_pattern``, first match wins)."""
+    return float(_first_match(self.alpha_pattern, path, set(), self.alpha))
+
   def scale_for(self, rank: int, alpha: float) -> float:
     return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
 

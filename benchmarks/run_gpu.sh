@@ -6,7 +6,8 @@
 #   tar -xzf results.tgz -C benchmarks/results && python benchmarks/report.py
 #
 # Usage: bash benchmarks/run_gpu.sh [stage ...]
-#   stages: train peft inference overheads scaling (default: all five, in that order)
+#   stages: train peft inference overheads scaling (default: all five, in that order);
+#   train2 / peft2 add the variants in TRAIN2_VARIANTS / PEFT2_VARIANTS to the same JSON
 # Environment (all optional):
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
@@ -78,10 +79,18 @@ for stage in "${stages[@]}"; do
       b=$(stage_budget "${TRAIN_BUDGET:-300}")
       timeout $((b + 150)) $PY benchmarks/train_step.py --config "$CONFIG" --out "$RES/train_step_$CONFIG.json" \
         --budget-s "$b" --timeout-s 170 $APPEND_FLAG ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
+    train2)  # more train_step variants, added to the same JSON
+      b=$(stage_budget "${TRAIN2_BUDGET:-300}")
+      timeout $((b + 150)) $PY benchmarks/train_step.py --config "$CONFIG" --out "$RES/train_step_$CONFIG.json" \
+        --budget-s "$b" --timeout-s 170 --append --variants "${TRAIN2_VARIANTS:?set TRAIN2_VARIANTS}" ;;
     peft)
       b=$(stage_budget "${PEFT_BUDGET:-170}")
       timeout $((b + 200)) $PY benchmarks/peft_reference.py --config "$CONFIG" --out "$RES/peft_reference_$CONFIG.json" \
-        --budget-s "$b" --timeout-s 200 $APPEND_FLAG ${PEFT_VARIANTS:+--variants "$PEFT_VARIANTS"} ;;
+        --budget-s "$b" --timeout-s 240 $APPEND_FLAG ${PEFT_VARIANTS:+--variants "$PEFT_VARIANTS"} ;;
+    peft2)
+      b=$(stage_budget "${PEFT2_BUDGET:-170}")
+      timeout $((b + 200)) $PY benchmarks/peft_reference.py --config "$CONFIG" --out "$RES/peft_reference_$CONFIG.json" \
+        --budget-s "$b" --timeout-s 240 --append --variants "${PEFT2_VARIANTS:?set PEFT2_VARIANTS}" ;;
     inference)
       b=$(stage_budget "${INFER_BUDGET:-70}")
       timeout "$b" $PY benchmarks/inference.py --config "$CONFIG" --out "$RES/inference_$CONFIG.json" ;;

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable
 
-import jax
+import jax  # noqa: F401 - used by the doctests
 from jax import tree_util as jtu
 
 from lora_jax.adapters_node import LoraFactors

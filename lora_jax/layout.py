@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import tree_util as jtu
 from jax.extend import core as jex
 
+from lora_jax._jaxpr import join_static, open_jaxpr, scan_counts, split_static
 from lora_jax._paths import leaves_with_paths
 
 PyTree = Any
@@ -34,14 +35,13 @@ def infer_layout(apply_fn: Callable[..., Any], params: PyTree, *args: Any, **kwa
   >>> infer_layout(model.apply, v, jnp.ones((1, 4)))
   {'params/kernel': 'ioo'}
   """
-  from lora_jax.transform import _join, _split_static  # the same static/dynamic split as wrap
 
   named = leaves_with_paths(params)
-  static, dyn = _split_static((args, kwargs))
+  static, dyn = split_static((args, kwargs))
   ptree = jtu.tree_structure(params)
 
   def flat_fn(leaves, dyn):
-    a, kw = _join(static, dyn)
+    a, kw = join_static(static, dyn)
     return apply_fn(jtu.tree_unflatten(ptree, leaves), *a, **kw)
 
   closed = jax.make_jaxpr(flat_fn)(jax.tree.leaves(params), dyn)
@@ -110,9 +110,10 @@ def _walk(jaxpr: jex.Jaxpr, env: dict, labels: dict, lookups: dict, ndims: dict 
         if a is not None:
           _set(lookups, i, ndims[i], a, "i" if k in dn.collapsed_slice_dims else "o")
     elif name == "scan":
-      nc, ncar = p["num_consts"], p["num_carry"]
+      nc, ncar = scan_counts(p)
+      body, _ = open_jaxpr(p["jaxpr"])
       inner = {}
-      for k, (v, info) in enumerate(zip(p["jaxpr"].jaxpr.invars, ins)):
+      for k, (v, info) in enumerate(zip(body.invars, ins)):
         if info is None:
           continue
         i, axes = info
@@ -121,7 +122,7 @@ def _walk(jaxpr: jex.Jaxpr, env: dict, labels: dict, lookups: dict, ndims: dict 
             _set(labels, i, ndims[i], axes[0], "l")
           axes = axes[1:]
         inner[v] = (i, axes)
-      _walk(p["jaxpr"].jaxpr, inner, labels, lookups, ndims)
+      _walk(body, inner, labels, lookups, ndims)
     elif name in _CALLS or name == "cond" or name.startswith("custom_"):
       for sub in _subjaxprs(p):
         sub_ins = ins[1:] if name == "cond" else ins

@@ -30,7 +30,7 @@ from jax import tree_util as jtu
 from jax.extend import core as jex
 
 from lora_jax.adapters import check_adapters, merge
-from lora_jax.adapters_node import LoraFactors
+from lora_jax._jaxpr import join_static, open_jaxpr, scan_counts, split_static
 
 PyTree = Any
 Array = Any
@@ -491,18 +491,13 @@ def _rule_gather(ctx, eqn, t, idx):
 
 def _rule_inline(ctx, eqn, *invals):
   """Nested jit / closed_call / pjit: evaluate the inner jaxpr in place."""
-  closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  if isinstance(closed, jex.Jaxpr):
-    return _eval(ctx, closed, (), invals)
-  return _eval(ctx, closed.jaxpr, closed.consts, invals)
+  jaxpr, consts = open_jaxpr(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
+  return _eval(ctx, jaxpr, consts, invals)
 
 
 def _rule_checkpoint(ctx, eqn, *invals):
   p = eqn.params
-  jaxpr = p["jaxpr"]
-  consts = ()
-  if not isinstance(jaxpr, jex.Jaxpr):
-    jaxpr, consts = jaxpr.jaxpr, jaxpr.consts
+  jaxpr, consts = open_jaxpr(p["jaxpr"])
 
   def body(*args):
     return _finalize(ctx, _eval(ctx, jaxpr, consts, args))
@@ -515,15 +510,16 @@ def _rule_cond(ctx, eqn, index, *ops):
   branches = eqn.params["branches"]
 
   def make(br):
-    return lambda *args: _finalize(ctx, _eval(ctx, br.jaxpr, br.consts, args))
+    jaxpr, consts = open_jaxpr(br)
+    return lambda *args: _finalize(ctx, _eval(ctx, jaxpr, consts, args))
 
   return lax.switch(index, [make(br) for br in branches], *ops)
 
 
 def _rule_scan(ctx, eqn, *invals):
   p = eqn.params
-  nc, ncar = p["num_consts"], p["num_carry"]
-  closed = p["jaxpr"]
+  nc, ncar = scan_counts(p)
+  body_jaxpr, body_consts = open_jaxpr(p["jaxpr"])
   consts, init, xs = list(invals[:nc]), list(invals[nc : nc + ncar]), list(invals[nc + ncar :])
   init = [ctx.materialize(v, "scan", "the kernel is a scan carry") if isinstance(v, _Tracked) else v for v in init]
   # A tracked kernel scanned over its axis 0: the factor(s) holding that axis are scanned,
@@ -560,7 +556,7 @@ def _rule_scan(ctx, eqn, *invals):
       # _drop_axes squeezed the scanned axis; the constant factor keeps its full axis only
       # when the scanned axis is not one of its own, which is the case by construction.
       rebuilt.append(sliced.replace(w=w))
-    outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *rebuilt])
+    outs = _eval(ctx, body_jaxpr, body_consts, [*consts, *carry, *rebuilt])
     outs = _finalize(ctx, outs)
     return outs[:ncar], outs[ncar:]
 
@@ -663,10 +659,6 @@ def _apply_rule(ctx, eqn, name, invals):
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_dynamic(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
-
-
 def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
   """Traces ``apply_fn`` at these shapes and evaluates it with the factored rules."""
   rows = check_adapters(params, adapters)
@@ -674,7 +666,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
   leaves = [leaf for _, leaf, _ in rows]
 
   def flat_fn(leaves, dyn):
-    args, kwargs = _join(static, dyn)
+    args, kwargs = join_static(static, dyn)
     return apply_fn(jtu.tree_unflatten(ptree, leaves), *args, **kwargs)
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
@@ -759,7 +751,7 @@ def wrap(
 
   def run(static, params, adapters, dyn):
     if mode == "merged":
-      args, kwargs = _join(static, dyn)
+      args, kwargs = join_static(static, dyn)
       return apply_fn(merge(params, adapters), *args, **kwargs)
     out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn)
     if fallback == "warn":
@@ -771,7 +763,7 @@ def wrap(
   @functools.wraps(apply_fn)
   def lora_apply(params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Any:
     check_adapters(params, adapters)
-    static, dyn = _split_static((args, kwargs))
+    static, dyn = split_static((args, kwargs))
     try:
       hash(static)
     except TypeError:
@@ -779,37 +771,6 @@ def wrap(
     return jitted(static, params, adapters, dyn)
 
   return lora_apply
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  treedef: Any
-  values: tuple
-
-  def __hash__(self):
-    return hash((self.treedef, self.values))
-
-  def __eq__(self, other):
-    return isinstance(other, _Static) and self.treedef == other.treedef and _eq(self.values, other.values)
-
-
-def _eq(x, y):
-  try:
-    return bool(x == y)
-  except Exception:  # noqa: BLE001 - numpy-like values without a truth value
-    return x is y
-
-
-def _split_static(tree):
-  leaves, treedef = jtu.tree_flatten(tree)
-  static = tuple(None if _is_dynamic(x) else x for x in leaves)
-  dyn = [x if _is_dynamic(x) else None for x in leaves]
-  return _Static(treedef, static), dyn
-
-
-def _join(static: _Static, dyn):
-  leaves = [d if d is not None else s for s, d in zip(static.values, dyn)]
-  return jtu.tree_unflatten(static.treedef, leaves)
 
 
 def explain(apply_fn: Callable[..., Any], params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Report:
@@ -826,7 +787,7 @@ def explain(apply_fn: Callable[..., Any], params: PyTree, adapters: PyTree, *arg
   params/kernel  dot_general: factored
   1 factored use(s), 0 materialised, 0 unused
   """
-  static, dyn = _split_static((args, kwargs))
+  static, dyn = split_static((args, kwargs))
   dyn_abs = [None if d is None else jax.ShapeDtypeStruct(np.shape(d), d.dtype) for d in dyn]
   box = {}
 

@@ -1,0 +1,61 @@
+"""Small helpers over jaxprs and call arguments shared by the transform and infer_layout."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax import tree_util as jtu
+from jax.extend import core as jex
+
+
+def open_jaxpr(jaxpr) -> tuple[jex.Jaxpr, Sequence[Any]]:
+  """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr (JAX >= 0.11 stores scan bodies open)."""
+  if isinstance(jaxpr, jex.Jaxpr):
+    return jaxpr, ()
+  return jaxpr.jaxpr, jaxpr.consts
+
+
+def scan_counts(params: dict) -> tuple[int, int]:
+  """(number of consts, number of carries) of a scan equation, across JAX versions."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  consts, carry, _ = params["ft_in"]  # JAX >= 0.11: flat types of (consts, carry, xs)
+  return len(consts), len(carry)
+
+
+def is_dynamic(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  treedef: Any
+  values: tuple
+
+  def __hash__(self):
+    return hash((self.treedef, self.values))
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self.treedef == other.treedef and _eq(self.values, other.values)
+
+
+def _eq(x, y):
+  try:
+    return bool(x == y)
+  except Exception:  # noqa: BLE001 - numpy-like values without a truth value
+    return x is y
+
+
+def split_static(tree):
+  leaves, treedef = jtu.tree_flatten(tree)
+  static = tuple(None if is_dynamic(x) else x for x in leaves)
+  dyn = [x if is_dynamic(x) else None for x in leaves]
+  return _Static(treedef, static), dyn
+
+
+def join_static(static: _Static, dyn):
+  leaves = [d if d is not None else s for s, d in zip(static.values, dyn)]
+  return jtu.tree_unflatten(static.treedef, leaves)

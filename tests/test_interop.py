@@ -11,8 +11,8 @@ import pytest
 
 import lora_jax
 from lora_jax import io
-from lora_jax._paths import leaves_with_paths, tree_from_entries
-from lora_jax.adapters_node import LoraFactors, factor_shapes
+from _util import random_adapters
+from lora_jax.adapters_node import LoraFactors
 from lora_jax.interop import BERT, LLAMA, NameMap, export_peft, import_peft, read_peft
 from lora_jax.models import bert, llama
 
@@ -29,20 +29,7 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _random_adapters(params, spec, seed=0):
-  """Non-zero adapters for ``spec`` (numpy: no compilation)."""
-  rng = np.random.default_rng(seed)
-  targets = {t.path: t for t in spec.resolve(params)}
-  entries = []
-  for path, _ in leaves_with_paths(params):
-    t = targets.get(path)
-    if t is None:
-      entries.append(None)
-      continue
-    a_shape, b_shape = factor_shapes(t.shape, t.layout, t.rank)
-    a = jnp.asarray(rng.standard_normal(a_shape) * 0.3, jnp.float32)
-    b = jnp.asarray(rng.standard_normal(b_shape) * 0.3, jnp.float32)
-    entries.append(LoraFactors(a=a, b=b, scale=t.scale, layout=t.layout))
-  return tree_from_entries(params, entries)
+  return random_adapters(params, spec, seed=seed, std=0.3)
 
 
 def _assert_same(a, b):

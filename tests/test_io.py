@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import lora_jax
 from lora_jax import io
-from lora_jax._paths import leaves_with_paths, tree_from_entries
-from lora_jax.adapters_node import LoraFactors, factor_shapes
+from _util import random_adapters
+from lora_jax._paths import leaves_with_paths
+from lora_jax.adapters_node import LoraFactors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,19 +40,7 @@ SPEC = lora_jax.LoraSpec(
 
 
 def _adapters(params, spec=SPEC, dtype=jnp.float32):
-  """Random non-zero adapters for ``spec`` (numpy, so no compilation)."""
-  rng = np.random.default_rng(0)
-  targets = {t.path: t for t in spec.resolve(params)}
-  entries = []
-  for path, _ in leaves_with_paths(params):
-    t = targets.get(path)
-    if t is None:
-      entries.append(None)
-      continue
-    a_shape, b_shape = factor_shapes(t.shape, t.layout, t.rank)
-    a, b = (jnp.asarray(rng.standard_normal(s), dtype) for s in (a_shape, b_shape))
-    entries.append(LoraFactors(a=a, b=b, scale=t.scale, layout=t.layout))
-  return tree_from_entries(params, entries)
+  return random_adapters(params, spec, dtype=dtype)
 
 
 def _bits(x):

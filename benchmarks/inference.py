@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
+  env["compat_shims"] = common.lora_jax_shims()
   config = common.llama_config(cfg, remat=False)
   model = llama.LlamaForCausalLM(config)
   tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype=jnp.int32)

@@ -24,8 +24,8 @@ from benchmarks import common, train_step  # noqa: E402
 
 # Most informative points first: the budget may cut the list short.
 POINTS = {
-    "tinyllama": [("rank", 4), ("rank", 16), ("rank", 64), ("rank", 256), ("layers", 2), ("layers", 8),
-                  ("rank", 8), ("rank", 32), ("rank", 128), ("layers", 4), ("layers", 16)],
+    "tinyllama": [("rank", 4), ("rank", 256), ("layers", 4), ("rank", 64), ("layers", 11), ("rank", 128),
+                  ("rank", 8), ("rank", 32), ("layers", 2), ("layers", 16), ("rank", 16)],
     "cpu-small": [("rank", 2), ("rank", 8), ("layers", 1), ("layers", 3)],
 }
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
+  env["compat_shims"] = common.lora_jax_shims()
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
   env["matmul_peak_tflops"] = round(peak_tflops, 3)
   rows: list[dict[str, Any]] = []

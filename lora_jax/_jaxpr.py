@@ -22,7 +22,9 @@ def scan_counts(params: dict) -> tuple[int, int]:
   """(number of consts, number of carries) of a scan equation, across JAX versions."""
   if "num_consts" in params:
     return params["num_consts"], params["num_carry"]
-  consts, carry, _ = params["ft_in"]  # JAX >= 0.11: flat types of (consts, carry, xs)
+  # JAX >= 0.11: ``ft_in`` is a flat tree of (consts, carry, xs); iterating it yields leaves.
+  ft = params["ft_in"]
+  consts, carry, _ = ft.elts if hasattr(ft, "elts") else ft
   return len(consts), len(carry)
 
 

@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--variants", default=None,
                  help="comma-separated impl/targets@tune keys; 'sweep' = lora_jax/all at every tune; "
                       "'@best' = the best lora_jax/all tune so far (default: the plan)")
-  p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
+  p.add_argument("--append", action="store_true",
+                 help="keep the rows already in --out; keys measured there are not run again, failed ones are")
   p.add_argument("--rank", type=int, default=RANK)
   p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
   p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
@@ -339,6 +340,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tune == "best":
       tune = best()
       key = _key(impl, targets, tune)
+    done = [r for r in rows if r.get("variant") == key and "error" not in r and "skipped" not in r]
+    if done:  # already measured (e.g. '@best' resolved to a tune that ran before)
+      print(f"  {key:36s} kept from {done[0].get('run_utc')}", flush=True)
+      return done[0]
     if time.perf_counter() - t_start > args.budget_s:
       row = dict(impl=impl, targets=targets, tune=tune, skipped="time budget")
     elif inprocess:

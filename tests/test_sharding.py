@@ -38,7 +38,13 @@ def test_adapter_shardings_needs_named_sharding():
 
 def test_sharded_jit_and_pmap_on_8_host_devices():
   script = os.path.join(os.path.dirname(__file__), "multidevice", "sharded_training.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+  )
   proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "MULTIDEVICE OK" in proc.stdout

@@ -383,9 +383,12 @@ def _factored_dot(ctx, eqn, lhs, rhs):
   batch = [xl[k] for k in xb]
   prec = eqn.params.get("precision")
   tmp, tl = _dot_by_labels(x, xl, f1, l1, contract, batch, prec, jnp.float32)
+  # Scale the thin (..., r) product, not the full-size one; the second product writes the
+  # original op's dtype directly (accumulation inside the matmul is float32 either way).
+  tmp = (tmp * t.scale).astype(dt)
   # Leading axes left free ride along as batch axes of the second product.
   batch2 = [c for c in tl if c != "r" and c in l2]
-  out, ol = _dot_by_labels(tmp.astype(dt), tl, f2, l2, ["r"], batch2, prec, jnp.float32)
+  out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, prec, eqn.outvars[0].aval.dtype)
   # The original op's output order: batch, lhs free, rhs free.
   skip = set(contract) | set(batch)
   xfree = [c for c in xl if c not in skip]
@@ -405,7 +408,16 @@ def _rule_dot(ctx, eqn, lhs, rhs):
     return _bind(eqn, [w if x is t else x for x in (lhs, rhs)])
   base = _bind(eqn, [x.view_value() if isinstance(x, _Tracked) else x for x in (lhs, rhs)])
   ctx.factored(t, "dot_general")
-  return base + (delta * t.scale).astype(base.dtype)
+  return base + delta
+
+
+def _times_b(rows: Array, t: _Tracked, eqn) -> Array:
+  """``scale * rows @ b`` for ``rows`` of shape (..., r) and a kernel with one fan-out axis."""
+  rows = (rows.astype(jnp.float32) * t.scale).astype(t.dtype)
+  return lax.dot_general(
+      rows, t.b.astype(t.dtype), (([rows.ndim - 1], [0]), ([], [])),
+      preferred_element_type=eqn.outvars[0].aval.dtype,
+  )
 
 
 def _rule_conv(ctx, eqn, x, t):
@@ -434,15 +446,10 @@ def _rule_conv(ctx, eqn, x, t):
   a_k = jnp.transpose(t.a.astype(dt), order)
   tmp = lax.conv_general_dilated_p.bind(x, a_k, **dict(p, preferred_element_type=jnp.float32))
   feat = out_spec[1]
-  delta = jnp.moveaxis(
-      lax.dot_general(jnp.moveaxis(tmp.astype(dt), feat, -1), t.b.astype(dt), (([tmp.ndim - 1], [0]), ([], [])),
-                      preferred_element_type=jnp.float32),
-      -1,
-      feat,
-  )
+  delta = _times_b(jnp.moveaxis(tmp, feat, -1), t, eqn)
   base = _bind(eqn, [x, t.view_value()])
   ctx.factored(t, "conv_general_dilated")
-  return base + (delta * t.scale).astype(base.dtype)
+  return base + jnp.moveaxis(delta, -1, feat)
 
 
 def _rule_gather(ctx, eqn, t, idx):
@@ -473,15 +480,10 @@ def _rule_gather(ctx, eqn, t, idx):
   # The r axis lands where the fan-out axis would: the offset dim of the kernel's axis ``ov``.
   offset_axes = [v for v in range(len(t.axes)) if v not in dn.collapsed_slice_dims]
   pos = dn.offset_dims[offset_axes.index(ov)]
-  dt = t.dtype
-  delta = lax.dot_general(
-      jnp.moveaxis(rows.astype(dt), pos, -1), t.b.astype(dt), (([rows.ndim - 1], [0]), ([], [])),
-      preferred_element_type=jnp.float32,
-  )
-  delta = jnp.moveaxis(delta, -1, pos)
+  delta = _times_b(jnp.moveaxis(rows, pos, -1), t, eqn)
   base = _bind(eqn, [t.view_value(), idx])
   ctx.factored(t, "gather")
-  return base + (delta * t.scale).astype(base.dtype)
+  return base + jnp.moveaxis(delta, -1, pos)
 
 
 # ----------------------------------------------------------------------------------------------

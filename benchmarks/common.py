@@ -133,6 +133,23 @@ def git_commit() -> str | None:
     return os.environ.get("LORA_JAX_COMMIT")
 
 
+def source_hash() -> str:
+  """sha256 (first 12 hex digits) of lora_jax/**/*.py: which library code ran, also where
+  there is no git checkout (the device machine gets a copy of the working tree)."""
+  import hashlib
+
+  h = hashlib.sha256()
+  pkg = os.path.join(ROOT, "lora_jax")
+  for dirpath, _, files in sorted(os.walk(pkg)):
+    for name in sorted(files):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+          h.update(f.read())
+  return h.hexdigest()[:12]
+
+
 def env_info(framework: str = "jax") -> dict[str, Any]:
   """Device name, library versions, date, host: recorded in every JSON."""
   info: dict[str, Any] = {
@@ -140,6 +157,7 @@ def env_info(framework: str = "jax") -> dict[str, Any]:
       "python": platform.python_version(),
       "host": platform.node(),
       "lora_jax_commit": git_commit(),
+      "lora_jax_source_sha256": source_hash(),
       "versions": {
           n: _version(n)
           for n in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "qwix", "jax-lorax")
@@ -416,47 +434,6 @@ def import_optional(name: str):
     return importlib.import_module(name), None
   except Exception as e:  # noqa: BLE001 - record why it did not import
     return None, e
-
-
-def _scan_counts(params: dict) -> tuple[int, int]:
-  """(number of consts, number of carries) of a scan equation, JAX < 0.11 and >= 0.11."""
-  if "num_consts" in params:
-    return params["num_consts"], params["num_carry"]
-  consts, carry, _ = params["ft_in"].unpack()
-  return len(consts), len(carry)
-
-
-def lora_jax_shims() -> list[str]:
-  """Works around known lora_jax bugs on this JAX, only where the library's own code fails.
-
-  Returns what was patched (recorded in every JSON). Each shim is a no-op once lora_jax is
-  fixed; delete it then.
-
-  * ``lora_jax._jaxpr.scan_counts`` on JAX >= 0.11, where a scan equation's ``ft_in`` is a
-    ``FlatTree`` whose iteration yields every leaf: the counts must come from
-    ``ft_in.unpack()`` (consts, carry, xs) and ``len()`` of each.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  from lora_jax import _jaxpr
-
-  applied = []
-  probe = jax.make_jaxpr(lambda c, xs: jax.lax.scan(lambda c, x: (c + x, c), c, xs))(jnp.float32(0), jnp.zeros(2))
-  params = next(e.params for e in probe.jaxpr.eqns if e.primitive.name == "scan")
-  try:
-    ok = tuple(_jaxpr.scan_counts(params)) == (0, 1)
-  except Exception:  # noqa: BLE001 - the bug shows as a ValueError
-    ok = False
-  if not ok and "ft_in" in params:
-    import lora_jax.layout
-    import lora_jax.transform
-
-    for mod in (_jaxpr, lora_jax.transform, lora_jax.layout):
-      if hasattr(mod, "scan_counts"):
-        mod.scan_counts = _scan_counts
-    applied.append("lora_jax._jaxpr.scan_counts: ft_in.unpack() on JAX >= 0.11 (library bug)")
-  return applied
 
 
 def extra_site() -> None:

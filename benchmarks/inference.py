@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
-  env["compat_shims"] = common.lora_jax_shims()
   config = common.llama_config(cfg, remat=False)
   model = llama.LlamaForCausalLM(config)
   tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype=jnp.int32)
@@ -88,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         is_leaf=lambda x: isinstance(x, lora_jax.LoraFactors),
     )
     merged = jax.block_until_ready(jax.jit(lora_jax.merge)(params, adapters))
-    m = timed(f"merged r={r}", lambda: forward(merged, tokens), rank=r)
-    f = timed(f"factored r={r}", lambda: factored_fn(params, adapters, tokens), rank=r)
+    m = timed(f"merged r={r}", lambda merged=merged: forward(merged, tokens), rank=r)
+    f = timed(f"factored r={r}", lambda adapters=adapters: factored_fn(params, adapters, tokens), rank=r)
     try:
       lm = np.asarray(forward(merged, tokens), np.float32)
       lf = np.asarray(factored_fn(params, adapters, tokens), np.float32)
@@ -99,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f["argmax_agree_vs_merged"] = float(np.mean(lf.argmax(-1) == lm.argmax(-1)))
       f["rel_l2_update"] = float(np.linalg.norm(lm - lb) / np.linalg.norm(lb))  # how large the adapters are
       zero = np.asarray(factored_fn(params, fresh, tokens), np.float32)
-      f["b0_equals_base"] = bool(np.array_equal(zero, lb))
+      f["b0_equals_base"] = bool(np.array_equal(zero, lb))  # bitwise
+      f["b0_max_abs_diff_vs_base"] = float(np.max(np.abs(zero - lb)))
+      f["b0_rel_l2_diff_vs_base"] = float(np.linalg.norm(zero - lb) / np.linalg.norm(lb))
     except Exception as e:  # noqa: BLE001
       f.update(common.error_record(e))
     if base.get("ms") and m.get("ms"):

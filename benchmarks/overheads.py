@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
-  env["compat_shims"] = common.lora_jax_shims()
   tune = train_step.tunes(cfg)[args.tune]
   config = common.llama_config(cfg, remat=tune["remat"], remat_policy=tune["remat_policy"])
   model = llama.LlamaForCausalLM(config)

@@ -85,16 +85,20 @@ def targets_table(train: dict | None, peft: dict | None) -> tuple[str, list[dict
         ("q,v tokens/s vs PEFT+compile", _ratio(lq, pq), TARGETS["vs_peft_qv"], "x"),
         ("all-linear tokens/s vs qwix (same tune)", _ratio(la, qw), TARGETS["vs_qwix"], "x"),
         ("all-linear MFU", la and la.get("mfu"), TARGETS["mfu"], "x"),
+        ("(info) q,v tokens/s vs PEFT eager", _ratio(lq, _find(prows, impl="peft_lora", targets="qv", mode="eager")), None, "x"),
+        ("(info) all-linear tokens/s vs PEFT eager", _ratio(la, _find(prows, impl="peft_lora", targets="all", mode="eager")), None, "x"),
     ]
     for what, got, want, how in checks:
-      if got is None:
+      if want is None:
+        verdict = "no target" if got is not None else "not measured"
+      elif got is None:
         verdict = "not measured"
       elif how == "<=":
         verdict = "meets" if got <= want else "MISSES"
       else:
         verdict = "meets" if got >= want else "MISSES"
-      out.append(dict(config=f"{label} ({tune})", what=what, measured=got,
-                      target=(f"<= {want}" if how == "<=" else f">= {want}"), verdict=verdict))
+      goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
+      out.append(dict(config=f"{label} ({tune})", what=what, measured=got, target=goal, verdict=verdict))
   text = md_table(out, [("config", "lora_jax tune", ""), ("what", "target", ""), ("measured", "measured", ".3f"),
                         ("target", "goal", ""), ("verdict", "verdict", "")])
   return text, out
@@ -105,17 +109,26 @@ def _ds(r: dict[str, Any], payload: dict | None) -> float | None:
   return r["achieved_tflops"] / peak if peak and r.get("achieved_tflops") else None
 
 
+def _session(r: dict[str, Any]) -> str | None:
+  """When the row was measured, and against which matmul peak (rows of one JSON may come
+  from several runs on different machines of the same kind)."""
+  when = (r.get("run_utc") or "")[11:16]
+  peak = r["achieved_tflops"] / r["mfu"] if r.get("achieved_tflops") and r.get("mfu") else None
+  return f"{when} UTC, peak {peak:.0f}" if when and peak else (f"{when} UTC" if when else None)
+
+
 def train_rows(train: dict | None, peft: dict | None) -> list[dict[str, Any]]:
   rows = []
   pa = _find((peft or {}).get("rows"), impl="peft_lora", targets="all", mode="compile")
   pq = _find((peft or {}).get("rows"), impl="peft_lora", targets="qv", mode="compile")
   for r in (train or {}).get("rows", []):
     ref = pq if r.get("targets") == "qv" else pa
-    rows.append(dict(r, framework="JAX", setting=r.get("tune"), mfu_ds=_ds(r, train),
+    rows.append(dict(r, framework="JAX", setting=r.get("tune"), mfu_ds=_ds(r, train), session=_session(r),
                      vs_peft=_ratio(r, ref) if r.get("impl") != "full" else None,
                      status=r.get("error") or r.get("skipped") or "ok"))
   for r in (peft or {}).get("rows", []):
-    rows.append(dict(r, framework="PyTorch", impl=r.get("impl", r.get("kind")), setting=r.get("mode"), mfu_ds=_ds(r, peft),
+    rows.append(dict(r, framework="PyTorch", impl=r.get("impl") or ("peft_lora" if r.get("kind") == "lora" else r.get("kind")),
+                     targets=r.get("targets"), setting=r.get("mode"), mfu_ds=_ds(r, peft), session=_session(r),
                      vs_peft=_ratio(r, pq if r.get("targets") == "qv" else pa) if r.get("impl") == "peft_lora" else None,
                      status=r.get("error") or r.get("skipped") or "ok"))
   return rows
@@ -209,6 +222,10 @@ def main(argv: list[str] | None = None) -> str:
       parts.append(f"Best lora_jax all-linear tune (fastest with peak <= {train.get('mem_cap_gib', 4)} GiB): "
                    f"**{train.get('best_tune')}**.")
       parts.append("")
+  notes = os.path.join(res, "notes.md")
+  if os.path.exists(notes):
+    with open(notes) as f:
+      parts += ["## Notes", "", f.read().strip(), ""]
   parts += ["## Targets", ""]
   ttext, _ = targets_table(train, peft)
   parts += [ttext, ""]
@@ -218,7 +235,8 @@ def main(argv: list[str] | None = None) -> str:
                             ("setting", "config", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
                             ("mfu", "MFU", ".1%"), ("mfu_ds", "MFU (datasheet)", ".1%"), ("peak_gib", "peak GiB", ".2f"),
                             ("vs_peft", "x PEFT+compile", ".2f"),
-                            ("compile_s", "compile s", ".1f"), ("status", "status", "")]), ""]
+                            ("compile_s", "compile s", ".1f"), ("session", "measured (matmul peak TFLOP/s)", ""),
+                            ("status", "status", "")]), ""]
   if plot_train(rows, os.path.join(res, f"train_step_{args.config}.png")):
     parts += [f"![training step](train_step_{args.config}.png)", ""]
   errors = [r for r in rows if r.get("error")]
@@ -233,13 +251,23 @@ def main(argv: list[str] | None = None) -> str:
                                      ("tokens_per_s", "tokens/s", ",.0f"), ("rel_l2_diff_vs_merged", "rel. L2 diff vs merged", ".2e"),
                                      ("argmax_agree_vs_merged", "argmax agreement", ".4f"), ("b0_equals_base", "b=0 equals base", ""),
                                      ("error", "error", "")]), ""]
+  if scaling and train:
+    c = scaling["config"]
+    base = _find(train["rows"], impl="lora_jax", targets=c.get("targets"), tune=c.get("tune"))
+    if base and base.get("rank") == c.get("base_rank"):
+      for axis in ("rank", "layers"):
+        if not _find(scaling["rows"], axis=axis, rank=base["rank"], layers=c.get("base_layers")):
+          scaling["rows"] = [r for r in scaling["rows"] if not (r.get("axis") == axis and r.get("rank") == base["rank"]
+                                                                  and r.get("layers") == c.get("base_layers"))]
+          scaling["rows"].append(dict(base, axis=axis, layers=c.get("base_layers"), note="from train_step (own process)"))
+      scaling["rows"].sort(key=lambda r: (r["axis"], r["rank"] if r["axis"] == "rank" else r["layers"]))
   if scaling:
     c = scaling["config"]
     parts += [f"## Scaling (lora_jax {c.get('targets')}, tune `{c.get('tune')}`)", "", scaling.get("memory_note", ""), "",
               md_table(scaling["rows"], [("axis", "axis", ""), ("rank", "rank", "d"), ("layers", "layers", "d"),
                                          ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
                                          ("xla_mem_gib", "XLA plan GiB", ".2f"), ("trainable_params", "trainable", ",d"),
-                                         ("error", "error", ""), ("skipped", "skipped", "")]), ""]
+                                         ("note", "note", ""), ("error", "error", ""), ("skipped", "skipped", "")]), ""]
     if plot_scaling(scaling, os.path.join(res, f"scaling_{args.config}.png")):
       parts += [f"![scaling](scaling_{args.config}.png)", ""]
   if over:

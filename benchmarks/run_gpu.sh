@@ -12,6 +12,8 @@
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
 #   APPEND=1: start from the JSON files in benchmarks/results and add/replace rows
+#   LORA_JAX_COMMIT: recorded in the JSON when the machine has no git checkout (pass
+#     LORA_JAX_COMMIT=$(git rev-parse --short HEAD) from where you launch it)
 #   TRAIN_BUDGET PEFT_BUDGET INFER_BUDGET OVER_BUDGET SCALING_BUDGET: seconds per stage
 # Extras: wheels in .whl/ (qwix, jax-lorax and their needs) are installed with --target into
 # /tmp/site_extra, which only the qwix / lorax variants put on their path.

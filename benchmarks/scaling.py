@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
-  env["compat_shims"] = common.lora_jax_shims()
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
   env["matmul_peak_tflops"] = round(peak_tflops, 3)
   rows: list[dict[str, Any]] = []

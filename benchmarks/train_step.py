@@ -80,7 +80,6 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
   """Returns ``(step, frozen, state, n_trainable, kind, tokens)``:
   ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   from lora_jax.models import llama
@@ -142,7 +141,6 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
   elif impl in ("lora_jax", "lora_jax_merged"):
     import lora_jax
 
-    common.lora_jax_shims()
     adapters = lora_jax.init(jax.random.key(2), params, _lora_spec(targets, config, rank))
     mode = "factored" if impl == "lora_jax" else "merged"
     loss_fn = lora_jax.wrap(functools.partial(model.apply, **loss_kw), mode=mode, fallback="error")
@@ -318,7 +316,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(out) as f:
       old_rows = json.load(f).get("rows", [])
   env = common.env_info("jax")
-  env["compat_shims"] = common.lora_jax_shims()
   peak_tflops = common.jax_matmul_tflops(cfg.matmul_n)
   env["matmul_peak_tflops"] = round(peak_tflops, 3)
   env["datasheet_bf16_tflops"] = common.datasheet_tflops(env["device"])

@@ -30,7 +30,7 @@ from jax import tree_util as jtu
 from jax.extend import core as jex
 
 from lora_jax.adapters import check_adapters, merge
-from lora_jax._jaxpr import join_static, open_jaxpr, scan_counts, split_static
+from lora_jax._jaxpr import is_dynamic, join_static, open_jaxpr, scan_counts, split_static
 
 PyTree = Any
 Array = Any
@@ -764,7 +764,13 @@ def wrap(
 
   @functools.wraps(apply_fn)
   def lora_apply(params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Any:
-    check_adapters(params, adapters)
+    for path, leaf, _ in check_adapters(params, adapters):
+      if not (is_dynamic(leaf) or isinstance(leaf, (bool, int, float, complex))):
+        raise TypeError(
+            f"params[{path!r}] is a {type(leaf).__name__}, not an array: the params passed to "
+            "a wrapped function are traced, so every leaf must be an array or a number. Move "
+            "configuration out of the params tree (e.g. into a static argument)."
+        )
     static, dyn = split_static((args, kwargs))
     try:
       hash(static)

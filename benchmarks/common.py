@@ -357,6 +357,36 @@ FLOP_NOTE = (
 # ----------------------------------------------------------------------------------------------
 
 
+def step_record(
+    cfg: BenchConfig,
+    times: Sequence[float],
+    losses: Sequence[float],
+    *,
+    flops: float,
+    peak_bytes: int | None,
+    peak_tflops: float | None,
+    trainable: int | None,
+) -> dict[str, Any]:
+  """The measured fields of one training-step row (JAX and PyTorch scripts alike)."""
+  losses = [float(x) for x in losses]
+  if not all(math.isfinite(v) for v in losses):
+    raise FloatingPointError(f"non-finite loss: {losses}")
+  med = median(times)
+  return dict(
+      trainable_params=trainable,
+      step_ms=round(med * 1e3, 2),
+      step_ms_min=round(min(times) * 1e3, 2),
+      step_ms_all=[round(t * 1e3, 2) for t in times],
+      tokens_per_s=round(cfg.tokens / med, 1),
+      model_tflop=round(flops / 1e12, 3),
+      achieved_tflops=round(flops / med / 1e12, 1),
+      mfu=None if not peak_tflops else round(flops / med / 1e12 / peak_tflops, 4),
+      peak_gib=None if peak_bytes is None else round(peak_bytes / 2**30, 3),
+      loss_first=round(losses[0], 4),
+      loss_last=round(losses[-1], 4),
+  )
+
+
 def error_record(exc: BaseException) -> dict[str, Any]:
   tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
   last = str(exc).strip().splitlines()

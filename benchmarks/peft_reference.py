@@ -99,26 +99,11 @@ def measure(kind: str, targets: str, mode: str, cfg: common.BenchConfig, peak_tf
     sync()
     row["first_step_s"] = round(time.perf_counter() - t0, 2)  # includes torch.compile
     times = common.time_calls(one, lambda _: sync(), cfg.warmup, cfg.iters)
-    losses = [float(x) for x in losses]
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
-      raise FloatingPointError(f"non-finite loss: {losses}")
-    med = common.median(times)
     n_ad = n_trainable if kind == "lora" else 0
-    flops = common.train_flops(cfg, "lora" if kind == "lora" else "full", n_ad)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    row.update(
-        trainable_params=n_trainable,
-        step_ms=round(med * 1e3, 2),
-        step_ms_min=round(min(times) * 1e3, 2),
-        step_ms_all=[round(t * 1e3, 2) for t in times],
-        tokens_per_s=round(cfg.tokens / med, 1),
-        model_tflop=round(flops / 1e12, 3),
-        achieved_tflops=round(flops / med / 1e12, 1),
-        mfu=None if not peak_tflops else round(flops / med / 1e12 / peak_tflops, 4),
-        peak_gib=None if peak is None else round(peak / 2**30, 3),
-        loss_first=round(losses[0], 4),
-        loss_last=round(losses[-1], 4),
-    )
+    row.update(common.step_record(
+        cfg, times, losses, flops=common.train_flops(cfg, "lora" if kind == "lora" else "full", n_ad),
+        peak_bytes=peak, peak_tflops=peak_tflops, trainable=n_trainable))
   except Exception as e:  # noqa: BLE001
     row.update(common.error_record(e))
   return row

@@ -182,7 +182,6 @@ def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, pe
             rank: int = RANK) -> dict[str, Any]:
   """Builds, compiles and times one variant; returns its row."""
   import jax
-  import numpy as np
 
   tune = tunes(cfg)[tune_name]
   row: dict[str, Any] = dict(impl=impl, targets=targets, tune=tune_name, rank=None if impl == "full" else rank, **tune)
@@ -209,26 +208,10 @@ def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, pe
       return loss
 
     times = common.time_calls(one, lambda x: x.block_until_ready(), cfg.warmup, cfg.iters)
-    losses = [float(x) for x in losses]
-    if not np.all(np.isfinite(losses)):
-      raise FloatingPointError(f"non-finite loss: {losses}")
-    med = common.median(times)
     n_ad = n_trainable if kind == "lora" and n_trainable is not None else 0
-    flops = common.train_flops(cfg, kind, n_ad)
-    peak = common.jax_peak_bytes()
-    row.update(
-        trainable_params=n_trainable,
-        step_ms=round(med * 1e3, 2),
-        step_ms_min=round(min(times) * 1e3, 2),
-        step_ms_all=[round(t * 1e3, 2) for t in times],
-        tokens_per_s=round(cfg.tokens / med, 1),
-        model_tflop=round(flops / 1e12, 3),
-        achieved_tflops=round(flops / med / 1e12, 1),
-        mfu=None if not peak_tflops else round(flops / med / 1e12 / peak_tflops, 4),
-        peak_gib=None if peak is None else round(peak / 2**30, 3),
-        loss_first=round(losses[0], 4),
-        loss_last=round(losses[-1], 4),
-    )
+    row.update(common.step_record(
+        cfg, times, losses, flops=common.train_flops(cfg, kind, n_ad),
+        peak_bytes=common.jax_peak_bytes(), peak_tflops=peak_tflops, trainable=n_trainable))
   except Exception as e:  # noqa: BLE001 - a failed variant is a result too
     row.update(common.error_record(e))
   return row

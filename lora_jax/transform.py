@@ -281,7 +281,11 @@ def _rule_dynamic_slice(ctx, eqn, t, *starts):
 
 
 def _rule_broadcast(ctx, eqn, t):
-  shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+  return _add_unit_axes(t, eqn.params["shape"], eqn.params["broadcast_dimensions"])
+
+
+def _add_unit_axes(t: _Tracked, shape, bdims) -> _Tracked | None:
+  """``broadcast_in_dim`` that only inserts size-1 axes; None for a real broadcast."""
   if any(shape[d] != t.w.shape[i] for i, d in enumerate(bdims)):
     return None  # a real broadcast of an existing axis
   new = [d for d in range(len(shape)) if d not in bdims]
@@ -314,10 +318,7 @@ def _rule_reshape(ctx, eqn, t):
   t = _drop_axes(t, ones_old).replace(w=jnp.reshape(t.w, [d for _, d in old_nz]))
   keep = [d for d in range(len(new_shape)) if new_shape[d] != 1]
 
-  class _Eqn:
-    params = {"shape": new_shape, "broadcast_dimensions": tuple(keep)}
-
-  return _rule_broadcast(ctx, _Eqn, t)
+  return _add_unit_axes(t, new_shape, tuple(keep))
 
 
 _STRUCTURAL = {
@@ -355,7 +356,7 @@ def _factored_dot(ctx, eqn, lhs, rhs):
   if len(kinds_c) > 1 or kinds_c == {"l"}:
     return None, "the matmul contracts fan-in and fan-out axes of the kernel together"
   first = "o" if kinds_c == {"o"} else "i"
-  free_same = [v for v, (k, _) in enumerate(t.axes) if k == first and v not in tc]
+  free_same = [v for v, (k, _) in enumerate(t.axes) if k == first and v not in tc and t.w.shape[v] != 1]
   if tc and free_same:
     ctx.layout_note(
         t,

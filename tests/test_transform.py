@@ -466,3 +466,25 @@ def test_infer_layout_reads_real_models():
   v = Tied().init(jax.random.key(0), ids)
   got = lora_jax.infer_layout(Tied().apply, v, ids)
   assert got == {"params/Embed_0/embedding": "io", "params/Conv_0/kernel": "iio"}
+
+
+def test_views_of_the_kernel_stay_factored():
+  def fn(p, x, i):
+    w = p["w"]  # (8, 6)
+    y = x @ w.T.T  # transpose twice
+    y = y + jnp.einsum("bi,xio->bxo", x, w[None])[:, 0]  # unit axis added (reshape/broadcast)
+    y = y[..., :3] + x @ w[:, 2:5]  # slice of fan-out (b is sliced)
+    y = y + (x[:, :4] @ w[:4])[..., :3]  # slice of fan-in (a is sliced)
+    row = jax.lax.dynamic_slice(w, (i, 0), (1, 6))  # dynamic slice of fan-in
+    return y + jnp.squeeze(row, 0)[:3] + jnp.expand_dims(w, 0).sum()  # last use: a reduction
+
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
+  x = jax.random.normal(jax.random.key(1), (5, 8))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", lora_jax.LoraFallbackWarning)
+    _, rep = check_equivalent(fn, params, LoraSpec("w", rank=3), x, jnp.int32(2))
+  kinds = [(u.primitive, u.factored) for u in rep.for_path("w")]
+  assert kinds.count(("dot_general", True)) == 4, kinds
+  # The dynamic row slice feeds an add and the expanded kernel a reduce_sum: no factored
+  # form exists for those two uses, so they (and only they) are materialised.
+  assert sorted(p for p, f in kinds if not f) == ["add", "reduce_sum"], kinds

@@ -52,8 +52,14 @@ def loss(
     config: llama.LlamaConfig,
     scale: float,
     chunk_size: int | None,
+    group: bool = False,
 ) -> jax.Array:
-  """Mean next-token cross-entropy of the factored-LoRA model (labels = tokens)."""
+  """Mean next-token cross-entropy of the factored-LoRA model (labels = tokens).
+
+  With ``group=True`` the adapters that read the same input share one thin GEMM:
+  ``h @ [a_q|a_k|a_v]`` and ``g @ [a_gate|a_up]`` (then split), an experiment that measures
+  what grouping is worth before the transform does it. ``config.scan_unroll`` unrolls the scan.
+  """
   c = config
   dt = c.dtype
   p = params["params"]
@@ -61,29 +67,42 @@ def loss(
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos, sin = llama.rope_cos_sin(positions, c)
 
-  def dense(x, w, ad):
+  def dense(x, w, ad, low=None):
     y = x @ w.astype(dt)
     if ad is None:
       return y
     a, bb = ad
-    low = jnp.dot(x, a.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+    if low is None:
+      low = jnp.dot(x, a.astype(dt), preferred_element_type=jnp.float32).astype(dt)
     delta = jnp.dot(low, bb.astype(dt), preferred_element_type=jnp.float32)
     return y + (scale * delta).astype(dt)
+
+  def lows(x, la, names):
+    """``{name: x @ a_name}`` from one GEMM over the concatenated ``a``s (``group=True``)."""
+    present = [n for n in names if n in la]
+    if not group or len(present) < 2:
+      return {}
+    a = jnp.concatenate([la[n][0].astype(dt) for n in present], axis=-1)
+    low = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dt)
+    parts = jnp.split(low, len(present), axis=-1)
+    return dict(zip(present, parts))
 
   def layer(x, lp, la):
     h = _rms(x, lp["input_layernorm"]["scale"], c.rms_norm_eps, dt)
     at, mlp = lp["self_attn"], lp["mlp"]
-    q = dense(h, at["q_proj"]["kernel"], la.get("q_proj"))
-    k = dense(h, at["k_proj"]["kernel"], la.get("k_proj"))
-    v = dense(h, at["v_proj"]["kernel"], la.get("v_proj"))
+    lo = lows(h, la, ("q_proj", "k_proj", "v_proj"))
+    q = dense(h, at["q_proj"]["kernel"], la.get("q_proj"), lo.get("q_proj"))
+    k = dense(h, at["k_proj"]["kernel"], la.get("k_proj"), lo.get("k_proj"))
+    v = dense(h, at["v_proj"]["kernel"], la.get("v_proj"), lo.get("v_proj"))
     q = llama.apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
     k = llama.apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention_implementation)
     h = x + dense(o.reshape(b, t, -1), at["o_proj"]["kernel"], la.get("o_proj"))
     g = _rms(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps, dt)
-    up = jax.nn.silu(dense(g, mlp["gate_proj"]["kernel"], la.get("gate_proj"))) * dense(
-        g, mlp["up_proj"]["kernel"], la.get("up_proj")
+    lo = lows(g, la, ("gate_proj", "up_proj"))
+    up = jax.nn.silu(dense(g, mlp["gate_proj"]["kernel"], la.get("gate_proj"), lo.get("gate_proj"))) * dense(
+        g, mlp["up_proj"]["kernel"], la.get("up_proj"), lo.get("up_proj")
     )
     return (h + dense(up, mlp["down_proj"]["kernel"], la.get("down_proj"))).astype(dt)
 
@@ -95,7 +114,7 @@ def loss(
     return layer(x, lp, la), None
 
   x = p["embed_tokens"]["embedding"][tokens].astype(dt)
-  x, _ = lax.scan(body, x, (p["layers"], adapters))
+  x, _ = lax.scan(body, x, (p["layers"], adapters), unroll=c.scan_unroll or c.num_hidden_layers)
   hidden = _rms(x, p["norm"]["scale"], c.rms_norm_eps, dt)
   kernel = p["lm_head"]["kernel"]
   if chunk_size is None:

@@ -6,7 +6,8 @@
 #   tar -xzf results.tgz -C benchmarks/results && python benchmarks/report.py
 #
 # Usage: bash benchmarks/run_gpu.sh [stage ...]
-#   stages: train peft inference overheads scaling (default: all five, in that order);
+#   stages: train peft inference overheads scaling (default: all five, in that order), and
+#   profile (a jax.profiler trace of PROFILE_VARIANT, default lora_jax/all@unroll2, summarised);
 #   train2 / peft2 add the variants in TRAIN2_VARIANTS / PEFT2_VARIANTS to the same JSON
 # Environment (all optional):
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
@@ -105,6 +106,10 @@ for stage in "${stages[@]}"; do
       b=$(stage_budget "${SCALING_BUDGET:-150}")
       timeout $((b + 60)) $PY benchmarks/scaling.py --config "$CONFIG" --out "$RES/scaling_$CONFIG.json" \
         --tune "$tune" --budget-s "$b" ;;
+    profile)
+      b=$(stage_budget "${PROFILE_BUDGET:-120}")
+      timeout "$b" $PY benchmarks/profile_step.py --config "$CONFIG" --variant "${PROFILE_VARIANT:-lora_jax/all@unroll2}" \
+        --out "$RES/profile_$CONFIG.json" ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== stage $stage exited $? at +$((SECONDS - start))s"

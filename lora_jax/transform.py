@@ -158,6 +158,7 @@ class Report:
   paths: list[str]
   uses: list[Use]
   layout_notes: dict[str, str] = dataclasses.field(default_factory=dict)
+  grouped: list[list[str]] = dataclasses.field(default_factory=list)
 
   def for_path(self, path: str) -> list[Use]:
     return [u for u in self.uses if u.path == path]
@@ -183,18 +184,32 @@ class Report:
         lines.append(f"{p:<{width}}  {u.primitive}: {how}")
     for p, note in self.layout_notes.items():
       lines.append(f"{p:<{width}}  LAYOUT? {note}")
+    for paths in _unique(self.grouped):
+      lines.append(f"one x @ [a...] matmul: {' + '.join(paths)}")
     n_fb = len(self.fallbacks)
     lines.append(f"{len(self.uses) - n_fb} factored use(s), {n_fb} materialised, {len(self.unused)} unused")
     return "\n".join(lines)
 
 
+def _unique(groups: list[list[str]]) -> list[list[str]]:
+  """Groups in first-seen order without repeats (a scan body or remat traces them again)."""
+  seen, out = set(), []
+  for g in groups:
+    if tuple(g) not in seen:
+      seen.add(tuple(g))
+      out.append(g)
+  return out
+
+
 class _Ctx:
   """Per-trace state: the uses seen and what to do on a fallback."""
 
-  def __init__(self, fallback: str):
+  def __init__(self, fallback: str, group: bool = True):
     self.fallback = fallback
+    self.group = group
     self.uses: list[Use] = []
     self.layout_notes: dict[str, str] = {}
+    self.grouped: list[list[str]] = []  # paths whose x @ a products ran as one matmul
 
   def layout_note(self, t: _Tracked, why: str) -> None:
     self.layout_notes.setdefault(t.path, why)
@@ -345,7 +360,62 @@ def _dot_by_labels(x, xl, y, yl, contract, batch, precision, pref):
   return out, labels
 
 
-def _factored_dot(ctx, eqn, lhs, rhs):
+@dataclasses.dataclass
+class _DotPlan:
+  """How one ``dot_general`` with an adapted operand ``t`` is factored.
+
+  The first product contracts ``x`` with ``f1`` (``a`` when the matmul contracts fan-in axes,
+  ``b`` when it contracts fan-out axes); the second contracts the thin result with ``f2``.
+  Labels name axes: ``('x', k)`` is axis ``k`` of ``x`` (kernel axes that meet it share the
+  label), ``('t', v)`` a free kernel-view axis, ``'r'`` the rank axis.
+  """
+
+  t: _Tracked
+  x: Array
+  t_is_lhs: bool
+  first: str
+  xl: list
+  vlab: list
+  contract: list
+  batch: list
+  f1: Array
+  l1: list
+  f2: Array
+  l2: list
+  precision: Any
+  out_dtype: Any
+
+  def first_product(self) -> tuple[Array, list]:
+    return _dot_by_labels(self.x, self.xl, self.f1, self.l1, self.contract, self.batch, self.precision, jnp.float32)
+
+  def finish(self, tmp: Array, tl: list) -> Array:
+    """``scale * tmp @ f2`` in the original op's output order (``tmp`` from the first product)."""
+    # Scale the thin (..., r) product, not the full-size one; the second product writes the
+    # original op's dtype directly (accumulation inside the matmul is float32 either way).
+    tmp = (tmp * self.t.scale).astype(self.t.dtype)
+    # Leading axes left free ride along as batch axes of the second product.
+    batch2 = [c for c in tl if c != "r" and c in self.l2]
+    out, ol = _dot_by_labels(tmp, tl, self.f2, self.l2, ["r"], batch2, self.precision, self.out_dtype)
+    # The original op's output order: batch, lhs free, rhs free.
+    skip = set(self.contract) | set(self.batch)
+    xfree = [c for c in self.xl if c not in skip]
+    tfree = [self.vlab[v] for v in range(len(self.t.axes)) if self.vlab[v] not in skip]
+    want = self.batch + (tfree + xfree if self.t_is_lhs else xfree + tfree)
+    return jnp.transpose(out, [ol.index(c) for c in want])
+
+  def groupable_with(self, other: "_DotPlan") -> bool:
+    """Whether the first products of both can be one matmul over ``concat([f1, f1'], r)``."""
+    return (
+        self.first == other.first == "i"
+        and self.l1 == other.l1
+        and all(lab == "r" or lab[0] == "x" for lab in self.l1)
+        and self.f1.dtype == other.f1.dtype
+        and self.precision == other.precision
+        and all(n == m for lab, n, m in zip(self.l1, self.f1.shape, other.f1.shape) if lab != "r")
+    )
+
+
+def _plan_dot(ctx, eqn, lhs, rhs) -> tuple[_DotPlan | None, str]:
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   t_is_lhs = isinstance(lhs, _Tracked)
   t, x = (lhs, rhs) if t_is_lhs else (rhs, lhs)
@@ -380,36 +450,37 @@ def _factored_dot(ctx, eqn, lhs, rhs):
   dt = t.dtype
   a, b = t.a.astype(dt), t.b.astype(dt)
   f1, l1, f2, l2 = (a, al, b, bl) if first == "i" else (b, bl, a, al)
-  contract = [xl[k] for k in xc]
-  batch = [xl[k] for k in xb]
-  prec = eqn.params.get("precision")
-  tmp, tl = _dot_by_labels(x, xl, f1, l1, contract, batch, prec, jnp.float32)
-  # Scale the thin (..., r) product, not the full-size one; the second product writes the
-  # original op's dtype directly (accumulation inside the matmul is float32 either way).
-  tmp = (tmp * t.scale).astype(dt)
-  # Leading axes left free ride along as batch axes of the second product.
-  batch2 = [c for c in tl if c != "r" and c in l2]
-  out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, prec, eqn.outvars[0].aval.dtype)
-  # The original op's output order: batch, lhs free, rhs free.
-  skip = set(contract) | set(batch)
-  xfree = [c for c in xl if c not in skip]
-  tfree = [vlab[v] for v in range(len(t.axes)) if vlab[v] not in skip]
-  want = batch + (tfree + xfree if t_is_lhs else xfree + tfree)
-  out = jnp.transpose(out, [ol.index(c) for c in want])
-  return out, None
+  plan = _DotPlan(
+      t, x, t_is_lhs, first, xl, vlab, [xl[k] for k in xc], [xl[k] for k in xb], f1, l1, f2, l2,
+      eqn.params.get("precision"), eqn.outvars[0].aval.dtype,
+  )
+  return plan, ""
 
 
-def _rule_dot(ctx, eqn, lhs, rhs):
+def _grouped_first_products(plans: Sequence[_DotPlan]) -> list[tuple[Array, list]]:
+  """The first products of ``plans`` (same ``x``, :meth:`_DotPlan.groupable_with`) as one
+  matmul over the factors concatenated along the rank axis, split back per plan."""
+  head = plans[0]
+  r_axis = head.l1.index("r")
+  f1 = jnp.concatenate([p.f1 for p in plans], axis=r_axis)
+  grouped = dataclasses.replace(head, f1=f1)
+  tmp, tl = grouped.first_product()
+  sizes = [p.f1.shape[r_axis] for p in plans]
+  parts = jnp.split(tmp, np.cumsum(sizes)[:-1].tolist(), axis=tl.index("r"))
+  return [(part, tl) for part in parts]
+
+
+def _rule_dot(ctx, eqn, lhs, rhs, first=None):
   if isinstance(lhs, _Tracked) and isinstance(rhs, _Tracked):
     lhs = ctx.materialize(lhs, "dot_general", "both operands are adapted kernels")
   t = lhs if isinstance(lhs, _Tracked) else rhs
-  delta, why = _factored_dot(ctx, eqn, lhs, rhs)
-  if delta is None:
+  plan, why = _plan_dot(ctx, eqn, lhs, rhs)
+  if plan is None:
     w = ctx.materialize(t, "dot_general", why)
     return _bind(eqn, [w if x is t else x for x in (lhs, rhs)])
   base = _bind(eqn, [x.view_value() if isinstance(x, _Tracked) else x for x in (lhs, rhs)])
   ctx.factored(t, "dot_general")
-  return base + delta
+  return base + plan.finish(*(first if first is not None else plan.first_product()))
 
 
 def _times_b(rows: Array, t: _Tracked, eqn) -> Array:
@@ -614,26 +685,108 @@ def _finalize(ctx, outs):
   return [ctx.materialize(v, "output", "the kernel itself is returned") if isinstance(v, _Tracked) else v for v in outs]
 
 
+# Ops that may run ahead of their place in the jaxpr to expose a kernel view to a grouped
+# matmul: pure, cheap, and they never consume a non-kernel value that is not yet computed.
+_AHEAD = frozenset(_STRUCTURAL) | {"dynamic_slice"}
+
+
+def _dot_groups(jaxpr: jex.Jaxpr) -> dict[int, list[tuple[int, int]]]:
+  """For each ``dot_general`` (by eqn index): the later ones that read the same ``x`` var at the
+  same position with the same ``x``-side dimension numbers, as ``(eqn index, x position)``."""
+  by_key: dict[Any, list[tuple[int, int]]] = {}
+  for k, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name != "dot_general":
+      continue
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for pos, (c, b) in enumerate(((lc, lb), (rc, rb))):
+      x = eqn.invars[pos]
+      if isinstance(x, jex.Literal):
+        continue
+      key = (x, pos, tuple(c), tuple(b), eqn.params.get("precision"))
+      by_key.setdefault(key, []).append((k, pos))
+  groups: dict[int, list[tuple[int, int]]] = {}
+  for members in by_key.values():
+    if len(members) > 1:
+      for k, _ in members:
+        groups.setdefault(k, []).extend(m for m in members if m[0] != k)
+  return groups
+
+
 def _eval(ctx: _Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
   env: dict[Any, Any] = {}
+  producer = {v: k for k, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+  groups = _dot_groups(jaxpr) if ctx.group else {}
+  done: set[int] = set()  # eqns evaluated ahead of their place
+  firsts: dict[int, tuple[Array, list]] = {}  # precomputed first products of grouped matmuls
 
   def read(v):
     return v.val if isinstance(v, jex.Literal) else env[v]
+
+  def run(k: int) -> None:
+    eqn = jaxpr.eqns[k]
+    invals = [read(v) for v in eqn.invars]
+    if not any(isinstance(x, _Tracked) for x in invals):
+      out = _bind(eqn, invals)
+    elif k in firsts:
+      out = _rule_dot(ctx, eqn, *invals, first=firsts.pop(k))
+    else:
+      out = _apply_rule(ctx, eqn, eqn.primitive.name, invals)
+    outs = out if eqn.primitive.multiple_results else [out]
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x  # a DropVar entry is written and never read
+
+  def ahead(v, depth: int = 0) -> bool:
+    """Makes ``v`` available now if it is an input or comes from a chain of view ops on one."""
+    if isinstance(v, jex.Literal) or v in env:
+      return True
+    k = producer.get(v)
+    if k is None or k in done or depth > 8 or jaxpr.eqns[k].primitive.name not in _AHEAD:
+      return False
+    if not all(ahead(u, depth + 1) for u in jaxpr.eqns[k].invars):
+      return False
+    run(k)
+    done.add(k)
+    return True
+
+  def group_first_products(k: int) -> None:
+    eqn = jaxpr.eqns[k]
+    pos_x = next(
+        (pos for pos in (0, 1) if not isinstance(read(eqn.invars[pos]), _Tracked)
+         and isinstance(read(eqn.invars[1 - pos]), _Tracked)),
+        None,
+    )
+    if pos_x is None:
+      return
+    invals = [read(v) for v in eqn.invars]
+    head, _ = _plan_dot(ctx, eqn, *invals)
+    if head is None:
+      return
+    members, plans = [k], [head]
+    for j, pos in groups[k]:
+      if j <= k or j in done or pos != pos_x or not ahead(jaxpr.eqns[j].invars[1 - pos]):
+        continue
+      kernel = read(jaxpr.eqns[j].invars[1 - pos])
+      if not isinstance(kernel, _Tracked):
+        continue
+      vals = [read(jaxpr.eqns[j].invars[0]), kernel] if pos == 0 else [kernel, read(jaxpr.eqns[j].invars[1])]
+      plan, _ = _plan_dot(ctx, jaxpr.eqns[j], *vals)
+      if plan is not None and head.groupable_with(plan):
+        members.append(j)
+        plans.append(plan)
+    if len(members) > 1:
+      ctx.grouped.append([p.t.path for p in plans])
+      firsts.update(zip(members, _grouped_first_products(plans)))
 
   for v, x in zip(jaxpr.constvars, consts):
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if not any(isinstance(x, _Tracked) for x in invals):
-      out = _bind(eqn, invals)
-    else:
-      out = _apply_rule(ctx, eqn, name, invals)
-    outs = out if eqn.primitive.multiple_results else [out]
-    for v, x in zip(eqn.outvars, outs):
-      env[v] = x  # a DropVar entry is written and never read
+  for k, eqn in enumerate(jaxpr.eqns):
+    if k in done:
+      continue
+    if k in groups and k not in firsts:
+      group_first_products(k)
+    run(k)
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -662,7 +815,7 @@ def _apply_rule(ctx, eqn, name, invals):
 # ----------------------------------------------------------------------------------------------
 
 
-def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
+def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True):
   """Traces ``apply_fn`` at these shapes and evaluates it with the factored rules."""
   rows = check_adapters(params, adapters)
   ptree = jtu.tree_structure(params)
@@ -673,7 +826,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
     return apply_fn(jtu.tree_unflatten(ptree, leaves), *args, **kwargs)
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
-  ctx = _Ctx(fallback)
+  ctx = _Ctx(fallback, group)
   inputs = list(leaves) + list(jax.tree.leaves(dyn))
   for i, (path, leaf, f) in enumerate(rows):
     if f is not None:
@@ -684,7 +837,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn):
         counters[c] += 1
       inputs[i] = _Tracked(leaf, f.a, f.b, tuple(axes), f.scale, leaf.dtype, path)
   outs = _finalize(ctx, _eval(ctx, closed.jaxpr, closed.consts, inputs))
-  report = Report([p for p, _, f in rows if f is not None], ctx.uses, ctx.layout_notes)
+  report = Report([p for p, _, f in rows if f is not None], ctx.uses, ctx.layout_notes, _unique(ctx.grouped))
   return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs), report
 
 
@@ -716,7 +869,7 @@ def _warn(report: Report) -> None:
 
 
 def wrap(
-    apply_fn: Callable[..., Any], *, mode: str = "factored", fallback: str = "warn"
+    apply_fn: Callable[..., Any], *, mode: str = "factored", fallback: str = "warn", group: bool = True
 ) -> Callable[..., Any]:
   """Makes the targeted kernels of ``apply_fn`` act as ``W + scale * a @ b``.
 
@@ -737,6 +890,11 @@ def wrap(
       a kernel returned as an output, ...): ``"warn"`` materialises ``W + scale*a@b`` for
       that use only and warns (:class:`LoraFallbackWarning`), ``"allow"`` does so silently,
       ``"error"`` raises :class:`LoraFallbackError`. Results are exact in every case.
+    group: adapted matmuls that read the same input with the same dimension numbers (q/k/v
+      projections, a SwiGLU's gate and up) compute their thin ``x @ a`` products as one
+      matmul over ``[a_1 | a_2 | ...]``, split afterwards: one pass over ``x`` instead of
+      one per adapter, forward and backward. The result is the same up to float rounding of
+      a different matmul shape. ``explain`` lists the groups.
 
   >>> import flax.linen as nn
   >>> model = nn.Dense(3)
@@ -756,7 +914,7 @@ def wrap(
     if mode == "merged":
       args, kwargs = join_static(static, dyn)
       return apply_fn(merge(params, adapters), *args, **kwargs)
-    out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn)
+    out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group)
     if fallback == "warn":
       _warn(report)
     return out

@@ -16,9 +16,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = {
-    "train_step": ["--variants", "lora_jax/all@remat+chunk,handwritten/all@remat+chunk", "--warmup", "1", "--iters", "2"],
+    "train_step": [
+        "--variants", "lora_jax/all@remat+chunk,handwritten/all@remat+chunk,lora_jax_nogroup/all@unroll2,handwritten_grouped/all@unroll2",
+        "--warmup", "1", "--iters", "2",
+    ],
     "inference": ["--ranks", "2", "--iters", "2"],
     "overheads": ["--no-train", "--repeats", "1"],
+    "profile_step": ["--variant", "lora_jax/all@remat+chunk", "--steps", "2"],
 }
 
 
@@ -57,7 +61,8 @@ def test_train_step_json(results):
   assert payload["env"]["matmul_peak_tflops"] > 0
   assert payload["best_tune"] == "remat+chunk"
   rows = {r["variant"]: r for r in payload["rows"]}
-  assert set(rows) == {"lora_jax/all@remat+chunk", "handwritten/all@remat+chunk"}
+  assert set(rows) == {"lora_jax/all@remat+chunk", "handwritten/all@remat+chunk", "lora_jax_nogroup/all@unroll2",
+                       "handwritten_grouped/all@unroll2"}
   for key, r in rows.items():
     assert "error" not in r, f"{key}: {r.get('error')}\n{r.get('traceback_tail')}"
     for field in ("step_ms", "tokens_per_s", "mfu", "model_tflop", "trainable_params", "compile_s", "trace_s", "loss_first"):
@@ -65,7 +70,20 @@ def test_train_step_json(results):
     assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
     assert len(r["step_ms_all"]) == 2
   # Same adapters (all-linear, r=16) in both implementations.
-  assert rows["lora_jax/all@remat+chunk"]["trainable_params"] == rows["handwritten/all@remat+chunk"]["trainable_params"]
+  assert len({r["trainable_params"] for r in rows.values()}) == 1
+  assert {r["unroll"] for r in rows.values()} == {1, 2}
+  # The same loss at step 0 (same init, same model), grouped or not, by hand or by wrap.
+  losses = [r["loss_first"] for r in rows.values()]
+  assert max(losses) - min(losses) < 0.05 * abs(losses[0]), losses
+
+
+def test_profile_json(results):
+  payload = results["profile_step"]
+  _check_env(payload, "profile_step")
+  assert payload["total_op_ms_per_step"] > 0
+  cats = dict(payload["categories_ms_per_step"])
+  assert sum(cats.values()) == pytest.approx(payload["total_op_ms_per_step"], rel=0.01)
+  assert payload["top_ops_ms_per_step"] or payload["top_kernels_ms_per_step"]
 
 
 def test_inference_json(results):

@@ -488,3 +488,56 @@ def test_views_of_the_kernel_stay_factored():
   # The dynamic row slice feeds an add and the expanded kernel a reduce_sum: no factored
   # form exists for those two uses, so they (and only they) are materialised.
   assert sorted(p for p, f in kinds if not f) == ["add", "reduce_sum"], kinds
+
+
+class SharedInputs(nn.Module):
+  """q/k/v and gate/up read the same input; `mix` reads it along another axis."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.Dense(8, name="q")(x)
+    k = nn.Dense(4, name="k")(x)
+    v = nn.Dense(4, name="v", precision="highest")(x)  # another precision: not grouped
+    mix = nn.Einsum((5, 5), "btd,tu->bud", name="mix")(x)  # contracts the time axis
+    h = jnp.concatenate([q, k, v], -1) + mix.sum()
+    return nn.Dense(8, name="gate")(h) * nn.Dense(8, name="up")(h)
+
+
+
+
+def test_adapters_reading_one_input_share_one_matmul():
+  model = SharedInputs()
+  v = model.init(jax.random.key(0), X)
+  spec = LoraSpec(["q", "k", "v", "mix", "gate", "up"], rank=2, rank_pattern={"k": 3},
+                  layout={"mix/kernel": "io"})
+  ad, rep = check_equivalent(model.apply, v, spec, X)
+  all_factored(rep)
+  assert rep.grouped == [["params/q/kernel", "params/k/kernel"], ["params/gate/kernel", "params/up/kernel"]], rep.grouped
+  assert "one x @ [a...] matmul: params/q/kernel + params/k/kernel" in str(rep)
+  # Grouped and ungrouped agree (float32 rounding only), outputs and gradients.
+  grouped, single = lora_jax.wrap(model.apply), lora_jax.wrap(model.apply, group=False)
+  _close(grouped(v, ad, X), single(v, ad, X), jnp.float32)
+  loss = lambda f: jax.grad(lambda ad: jnp.sum(jnp.sin(f(v, ad, X))))  # noqa: E731
+  _close(loss(grouped)(ad), loss(single)(ad), jnp.float32)
+  # One x @ [a_q|a_k] and one h @ [a_gate|a_up] instead of two each.
+  dots = [
+      sum(e.primitive.name == "dot_general" for e in _inner_eqns(jax.make_jaxpr(f)(v, ad, X).jaxpr))
+      for f in (grouped, single)
+  ]
+  assert dots[1] - dots[0] == 2, dots
+
+
+def _inner_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      inner = getattr(p, "jaxpr", p)
+      if hasattr(inner, "eqns"):
+        yield from _inner_eqns(inner)
+
+
+def test_grouping_inside_scanned_remat_layers():
+  model = Stack()
+  v = model.init(jax.random.key(0), X)
+  ad, rep = check_equivalent(model.apply, v, LoraSpec("all-linear", rank=2, layout=STACK_LAYOUT), X)
+  assert ["params/layers/query/kernel", "params/layers/key/kernel", "params/layers/value/kernel"] in rep.grouped, rep.grouped

@@ -115,6 +115,8 @@ class LlamaConfig:
     dtype: compute dtype (e.g. ``jnp.bfloat16``). Norms, RoPE, softmax and logits are float32.
     param_dtype: dtype of the parameters.
     scan_layers: stack the layers with ``nn.scan`` (params get a leading layer axis).
+    scan_unroll: layers per iteration of the layer ``scan`` (``nn.scan(unroll=...)``); ``0``
+      or ``num_hidden_layers`` unrolls it fully (longer compiles; the params stay stacked).
     remat: rematerialise each layer in the backward pass (``nn.remat``).
     remat_policy: a name from :data:`REMAT_POLICIES` (``jax.checkpoint_policies``), a policy
       callable, or ``None`` (save nothing but the layer inputs).
@@ -141,6 +143,7 @@ class LlamaConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
+  scan_unroll: int = 1
   remat: bool = True
   remat_policy: str | Callable[..., Any] | None = None
   attention_implementation: str | None = None
@@ -173,6 +176,8 @@ class LlamaConfig:
       set_("rope_scaling", _rope_scaling_from_hf(self.rope_scaling))
     set_("dtype", jnp.dtype(self.dtype))
     set_("param_dtype", jnp.dtype(self.param_dtype))
+    if not isinstance(self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
+      raise ValueError(f"LlamaConfig(scan_unroll={self.scan_unroll!r}): expected an integer >= 0.")
     if isinstance(self.remat_policy, str) and self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"LlamaConfig(remat_policy={self.remat_policy!r}): expected one of {REMAT_POLICIES}, "
@@ -504,6 +509,7 @@ class LlamaForCausalLM(nn.Module):
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.num_hidden_layers,
+          unroll=c.scan_unroll or c.num_hidden_layers,
       )(c)
     else:
       self.layers = [layer(c) for _ in range(c.num_hidden_layers)]

@@ -118,6 +118,10 @@ def _version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
+  """The commit: ``$LORA_JAX_COMMIT`` when set (the device machine's copy of the tree may carry a
+  stale ``.git``), else ``git rev-parse`` (+``dirty``)."""
+  if os.environ.get("LORA_JAX_COMMIT"):
+    return os.environ["LORA_JAX_COMMIT"]
   try:
     out = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10

@@ -85,6 +85,10 @@ def targets_table(train: dict | None, peft: dict | None) -> tuple[str, list[dict
         ("q,v tokens/s vs PEFT+compile", _ratio(lq, pq), TARGETS["vs_peft_qv"], "x"),
         ("all-linear tokens/s vs qwix (same tune)", _ratio(la, qw), TARGETS["vs_qwix"], "x"),
         ("all-linear MFU", la and la.get("mfu"), TARGETS["mfu"], "x"),
+        ("(info) all-linear tokens/s vs hand-written JAX at `default` (the issue's yardstick)",
+         _ratio(la, _find(trows, impl="handwritten", targets="all", tune="default")), None, "x"),
+        ("(info) all-linear tokens/s, group=True vs group=False (same tune)",
+         _ratio(la, _find(trows, impl="lora_jax_nogroup", targets="all", tune=tune)), None, "x"),
         ("(info) q,v tokens/s vs PEFT eager", _ratio(lq, _find(prows, impl="peft_lora", targets="qv", mode="eager")), None, "x"),
         ("(info) all-linear tokens/s vs PEFT eager", _ratio(la, _find(prows, impl="peft_lora", targets="all", mode="eager")), None, "x"),
     ]
@@ -132,6 +136,24 @@ def train_rows(train: dict | None, peft: dict | None) -> list[dict[str, Any]]:
                      vs_peft=_ratio(r, pq if r.get("targets") == "qv" else pa) if r.get("impl") == "peft_lora" else None,
                      status=r.get("error") or r.get("skipped") or "ok"))
   return rows
+
+
+def profile_section(profile: dict[str, Any]) -> list[str]:
+  """Where the device time of one training step goes (``profile_step.py``)."""
+  from benchmarks.profile_step import category
+
+  total = profile["total_op_ms_per_step"]
+  cats = [dict(what=k, ms=v, share=v / total) for k, v in profile["categories_ms_per_step"]]
+  top = profile["top_ops_ms_per_step"] or profile["top_kernels_ms_per_step"]
+  kern = [dict(what=f"`{k[:70]}`", cat=category(k), ms=v, share=v / total) for k, v in top[:15]]
+  return [
+      f"## Profile: `{profile['variant']}`", "",
+      f"`jax.profiler` trace of {profile['steps']} steps, device time per step {total:.1f} ms "
+      f"({_env_line(profile)}).", "",
+      md_table(cats, [("what", "category", ""), ("ms", "ms / step", ".2f"), ("share", "share", ".1%")]), "",
+      md_table(kern, [("what", "kernel", ""), ("cat", "category", ""), ("ms", "ms / step", ".2f"),
+                      ("share", "share", ".1%")]), "",
+  ]
 
 
 def plot_train(rows: list[dict[str, Any]], path: str) -> bool:
@@ -218,7 +240,9 @@ def main(argv: list[str] | None = None) -> str:
     if tunes:
       parts.append("JAX tunes: " + "; ".join(
           f"`{k}` = remat {'off' if not v['remat'] else (v['remat_policy'] or 'nothing_saveable')}, "
-          f"cross-entropy {'chunked ' + str(v['chunk']) if v['chunk'] else 'full logits'}" for k, v in tunes.items()) + ".")
+          f"cross-entropy {'chunked ' + str(v['chunk']) if v['chunk'] else 'full logits'}"
+          f"{'' if v.get('unroll', 1) == 1 else ', layer scan unrolled ' + (str(v['unroll']) if v['unroll'] else 'fully')}"
+          for k, v in tunes.items()) + ".")
       parts.append(f"Best lora_jax all-linear tune (fastest with peak <= {train.get('mem_cap_gib', 4)} GiB): "
                    f"**{train.get('best_tune')}**.")
       parts.append("")
@@ -245,6 +269,9 @@ def main(argv: list[str] | None = None) -> str:
     for r in errors:
       parts.append(f"- `{r.get('variant')}`: {r['error']}")
     parts.append("")
+  profile = _load(res, "profile", args.config)
+  if profile:
+    parts += profile_section(profile)
   if inf:
     parts += ["## Inference (forward, full logits)", "",
               md_table(inf["rows"], [("variant", "variant", ""), ("ms", "ms", ".2f"), ("vs_base", "x base", ".3f"),

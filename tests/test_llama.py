@@ -289,6 +289,8 @@ def test_config_errors():
   assert L.LlamaConfig.tiny(hidden_size=66, head_dim=16).head_dim == 16
   with pytest.raises(ValueError, match=r"remat_policy='dots'.*expected one of"):
     L.LlamaConfig.tiny(remat_policy="dots")
+  with pytest.raises(ValueError, match=r"scan_unroll=-1.*integer >= 0"):
+    L.LlamaConfig.tiny(scan_unroll=-1)
   with pytest.raises(ValueError, match=r"attention_implementation='flash'.*'xla', 'cudnn' or None"):
     L.LlamaConfig.tiny(attention_implementation="flash")
   with pytest.raises(ValueError, match=r"rope_scaling type 'yarn' is not supported"):
@@ -390,6 +392,27 @@ def test_lora_wrap_equals_merge():
   wrapped, merged, base = run(params, adapters)
   assert float(jnp.max(jnp.abs(merged - base))) > 1e-2
   np.testing.assert_allclose(wrapped, merged, atol=1e-4, rtol=1e-4)
+
+
+def test_unrolled_scan_with_grouped_all_linear_lora():
+  """scan_unroll=2 over 3 layers (a remainder layer) with all-linear LoRA: q/k/v and gate/up
+  share one x@[a...] matmul each, and loss and adapter gradients equal the merged model's."""
+  rolled, unrolled = _config(num_hidden_layers=3), _config(num_hidden_layers=3, scan_unroll=2)
+  params = _init(rolled, jax.random.key(0))
+  spec = lora_jax.LoraSpec("all-linear", rank=4, layout=L.lora_layout(rolled))
+  adapters = jax.jit(lambda k, p: _randomise_b(lora_jax.init(k, p, spec), k))(jax.random.key(1), params)
+  tokens = _tokens()
+  fact = lora_jax.wrap(functools.partial(L.LlamaForCausalLM(unrolled).apply, method="loss"), fallback="error")
+  ref = lambda ad: L.LlamaForCausalLM(rolled).apply(lora_jax.merge(params, ad), tokens, method="loss")  # noqa: E731
+  l1, g1 = jax.jit(jax.value_and_grad(lambda ad: fact(params, ad, tokens)))(adapters)
+  l2, g2 = jax.jit(jax.value_and_grad(ref))(adapters)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-4), g1, g2)
+  report = lora_jax.explain(functools.partial(L.LlamaForCausalLM(unrolled).apply, method="loss"), params, adapters, tokens)
+  attn = [f"params/layers/self_attn/{n}_proj/kernel" for n in "qkv"]
+  mlp = [f"params/layers/mlp/{n}_proj/kernel" for n in ("gate", "up")]
+  assert attn in report.grouped and mlp in report.grouped, report.grouped
+  assert not report.fallbacks
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")

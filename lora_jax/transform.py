@@ -184,7 +184,7 @@ class Report:
         lines.append(f"{p:<{width}}  {u.primitive}: {how}")
     for p, note in self.layout_notes.items():
       lines.append(f"{p:<{width}}  LAYOUT? {note}")
-    for paths in _unique(self.grouped):
+    for paths in self.grouped:
       lines.append(f"one x @ [a...] matmul: {' + '.join(paths)}")
     n_fb = len(self.fallbacks)
     lines.append(f"{len(self.uses) - n_fb} factored use(s), {n_fb} materialised, {len(self.unused)} unused")
@@ -750,14 +750,11 @@ def _eval(ctx: _Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any
 
   def group_first_products(k: int) -> None:
     eqn = jaxpr.eqns[k]
-    pos_x = next(
-        (pos for pos in (0, 1) if not isinstance(read(eqn.invars[pos]), _Tracked)
-         and isinstance(read(eqn.invars[1 - pos]), _Tracked)),
-        None,
-    )
-    if pos_x is None:
-      return
     invals = [read(v) for v in eqn.invars]
+    tracked = [isinstance(x, _Tracked) for x in invals]
+    if tracked.count(True) != 1:
+      return
+    pos_x = tracked.index(False)
     head, _ = _plan_dot(ctx, eqn, *invals)
     if head is None:
       return
@@ -909,6 +906,8 @@ def wrap(
     raise ValueError(f"wrap(mode={mode!r}): expected 'factored' or 'merged'.")
   if fallback not in _FALLBACK_MODES:
     raise ValueError(f"wrap(fallback={fallback!r}): expected one of {_FALLBACK_MODES}.")
+  if not isinstance(group, bool):
+    raise TypeError(f"wrap(group={group!r}): expected True or False.")
 
   def run(static, params, adapters, dyn):
     if mode == "merged":

@@ -442,6 +442,8 @@ def test_bad_inputs():
     lora_jax.wrap(lambda p: p, mode="fast")
   with pytest.raises(ValueError, match="wrap\\(fallback='never'\\)"):
     lora_jax.wrap(lambda p: p, fallback="never")
+  with pytest.raises(TypeError, match="wrap\\(group='yes'\\): expected True or False"):
+    lora_jax.wrap(lambda p: p, group="yes")
 
 
 def test_infer_layout_reads_real_models():

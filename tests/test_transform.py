@@ -543,3 +543,30 @@ def test_grouping_inside_scanned_remat_layers():
   v = model.init(jax.random.key(0), X)
   ad, rep = check_equivalent(model.apply, v, LoraSpec("all-linear", rank=2, layout=STACK_LAYOUT), X)
   assert ["params/layers/query/kernel", "params/layers/key/kernel", "params/layers/value/kernel"] in rep.grouped, rep.grouped
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    outs=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    ranks=st.lists(st.integers(1, 3), min_size=4, max_size=4),
+    layers=st.integers(1, 3),
+    d_in=st.integers(2, 6),
+)
+def test_hypothesis_grouped_batched_matmuls(outs, ranks, layers, d_in):
+  """Several stacked (L, in, out) kernels meet one (L, B, in) input through batched matmuls
+  (the layer axis is a batch dimension): grouped == ungrouped == merged, values and grads."""
+  params = {f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal((layers, d_in, o)), jnp.float32)
+            for i, o in enumerate(outs)}
+  ranks = {f"w{i}": min(ranks[i], d_in, o) for i, o in enumerate(outs)}
+  spec = LoraSpec("w[0-9]", rank=1, rank_pattern=ranks, layout={".*": "lio"})
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((layers, 3, d_in)), jnp.float32)
+
+  def f(p, x):
+    return sum(jnp.sum(jnp.sin(jnp.einsum("lbd,ldo->lbo", x, p[k]))) for k in sorted(p))
+
+  _, rep = check_equivalent(f, params, spec, x)
+  all_factored(rep)
+  assert rep.grouped == [sorted(params)], rep.grouped
+  ad = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  g = [jax.grad(lambda ad, grp=grp: lora_jax.wrap(f, group=grp)(params, ad, x))(ad) for grp in (True, False)]
+  _close(g[0], g[1], jnp.float32)

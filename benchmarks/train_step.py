@@ -21,7 +21,8 @@ Variants (``impl/targets@tune``):
 Tunes: ``default`` (the model's defaults: remat of each layer saving nothing, full logits),
 ``remat+chunk`` (plus chunked cross-entropy), ``remat_dots+chunk`` (remat policy
 ``dots_with_no_batch_dims_saveable``), ``noremat+chunk``, ``unroll2`` / ``unroll_all`` (the
-layer scan unrolled 2 layers per iteration / fully), ``unroll_all+chunk``. The lora_jax all-linear variant is
+layer scan unrolled 2 layers per iteration / fully), ``unroll_all+chunk``, ``unroll2+keep_xa``
+(``unroll2`` with ``lora_jax.remat_policy()``: remat keeps the thin ``x @ a`` products). The lora_jax all-linear variant is
 swept over all tunes first; ``best`` is the fastest tune whose peak memory is <= 4 GiB (the
 fastest overall when none fits), and the other variants run at ``default`` and/or ``best``.
 
@@ -61,11 +62,13 @@ def tunes(cfg: common.BenchConfig) -> dict[str, dict[str, Any]]:
       "unroll2": dict(remat=True, remat_policy=None, chunk=None, unroll=2),
       "unroll_all": dict(remat=True, remat_policy=None, chunk=None, unroll=0),
       "unroll_all+chunk": dict(remat=True, remat_policy=None, chunk=cfg.chunk, unroll=0),
+      # lora_jax.remat_policy(): remat saves each adapter's thin x @ a product (nothing else).
+      "unroll2+keep_xa": dict(remat=True, remat_policy="lora_jax.remat_policy()", chunk=None, unroll=2),
   }
 
 
 # unroll_all is left out: its compile took > 120 s on an H100 host (2026-11-23).
-SWEEP = ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2")
+SWEEP = ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2", "unroll2+keep_xa")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,8 +98,12 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
 
   from lora_jax.models import llama
 
-  config = common.llama_config(cfg, remat=tune["remat"], remat_policy=tune["remat_policy"],
-                               scan_unroll=tune.get("unroll", 1))
+  policy = tune["remat_policy"]
+  if policy == "lora_jax.remat_policy()":
+    import lora_jax
+
+    policy = lora_jax.remat_policy()
+  config = common.llama_config(cfg, remat=tune["remat"], remat_policy=policy, scan_unroll=tune.get("unroll", 1))
   if impl == "lorax":
     config = config.replace(scan_layers=False)  # lorax adapts 2-D kernels only
   model = llama.LlamaForCausalLM(config)

@@ -8,7 +8,18 @@ from lora_jax.layout import infer_layout
 from lora_jax.optim import freeze_base, lora_plus, trainable_mask
 from lora_jax.sharding import adapter_shardings, shard_like
 from lora_jax.spec import LoraSpec, Target
-from lora_jax.transform import LoraFallbackError, LoraFallbackWarning, LoraLayoutWarning, Report, explain, from_nnx, to_nnx, wrap
+from lora_jax.transform import (
+    THIN_PRODUCT_NAME,
+    LoraFallbackError,
+    LoraFallbackWarning,
+    LoraLayoutWarning,
+    Report,
+    explain,
+    from_nnx,
+    remat_policy,
+    to_nnx,
+    wrap,
+)
 
 __version__ = "0.1.0"
 
@@ -36,6 +47,7 @@ __all__ = [
     "LoraSpec",
     "merge",
     "NameMap",
+    "remat_policy",
     "Report",
     "save",
     "save_merged",
@@ -43,6 +55,7 @@ __all__ = [
     "shard_like",
     "split",
     "Target",
+    "THIN_PRODUCT_NAME",
     "to_nnx",
     "trainable_mask",
     "unmerge",

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax import tree_util as jtu
 from jax.extend import core as jex
 
@@ -36,6 +37,7 @@ PyTree = Any
 Array = Any
 
 _FALLBACK_MODES = ("warn", "error", "allow")
+THIN_PRODUCT_NAME = "lora_jax.x_a"  # checkpoint_name of each factored matmul's x @ a product
 
 
 class LoraFallbackWarning(UserWarning):
@@ -386,7 +388,9 @@ class _DotPlan:
   out_dtype: Any
 
   def first_product(self) -> tuple[Array, list]:
-    return _dot_by_labels(self.x, self.xl, self.f1, self.l1, self.contract, self.batch, self.precision, jnp.float32)
+    tmp, tl = _dot_by_labels(self.x, self.xl, self.f1, self.l1, self.contract, self.batch, self.precision, jnp.float32)
+    # Named so that a remat policy can keep this thin (..., r) product (see remat_policy).
+    return checkpoint_name(tmp, THIN_PRODUCT_NAME), tl
 
   def finish(self, tmp: Array, tl: list) -> Array:
     """``scale * tmp @ f2`` in the original op's output order (``tmp`` from the first product)."""
@@ -963,6 +967,37 @@ def explain(apply_fn: Callable[..., Any], params: PyTree, adapters: PyTree, *arg
 
   jax.eval_shape(go, params, adapters, dyn_abs)
   return box["report"]
+
+
+def remat_policy(base: Callable[..., Any] | None = None) -> Callable[..., Any]:
+  """A ``jax.checkpoint`` policy that keeps each adapter's thin ``x @ a`` product.
+
+  Under ``jax.checkpoint`` / ``nn.remat`` the backward pass recomputes what the policy does
+  not save, including the first product of every factored matmul, which reads the whole
+  input ``x`` again. This policy saves those products (``(..., r)``: tiny, in float32) on
+  top of what ``base`` saves (``None``: nothing, i.e. ``nothing_saveable``). ``wrap`` names
+  them ``THIN_PRODUCT_NAME`` with ``jax.ad_checkpoint.checkpoint_name``; without remat the
+  name changes nothing.
+
+  Args:
+    base: another policy (e.g. ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+
+  Returns:
+    The combined policy.
+
+  >>> import flax.linen as nn
+  >>> from lora_jax import LoraSpec, init
+  >>> model = nn.remat(nn.Dense, policy=remat_policy())(3)
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+  >>> adapters = init(jax.random.key(1), variables, LoraSpec("params/kernel", rank=2))
+  >>> loss = lambda ad: wrap(model.apply)(variables, ad, jnp.ones((2, 4))).sum()
+  >>> jax.grad(loss)(adapters)["params"]["kernel"].a.shape
+  (4, 2)
+  """
+  if base is not None and not callable(base):
+    raise TypeError(f"remat_policy(base={base!r}): expected a jax.checkpoint policy (a callable) or None.")
+  keep = jax.checkpoint_policies.save_only_these_names(THIN_PRODUCT_NAME)
+  return keep if base is None else jax.checkpoint_policies.save_from_both_policies(base, keep)
 
 
 def from_nnx(module: Any, *filters: Any, method: str | Callable[..., Any] = "__call__"):

@@ -570,3 +570,32 @@ def test_hypothesis_grouped_batched_matmuls(outs, ranks, layers, d_in):
   ad = randomize(lora_jax.init(jax.random.key(1), params, spec))
   g = [jax.grad(lambda ad, grp=grp: lora_jax.wrap(f, group=grp)(params, ad, x))(ad) for grp in (True, False)]
   _close(g[0], g[1], jnp.float32)
+
+
+def _saved_thin_products(fn, *args) -> list[tuple[int, ...]]:
+  """Shapes of the residuals that ``fn``'s remat saves from inside ``wrap``'s jitted call."""
+  import contextlib
+  import io
+
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  lines = [ln for ln in buf.getvalue().splitlines() if "output of jitted function" in ln]
+  return [tuple(int(n) for n in ln.split("[", 1)[1].split("]", 1)[0].split(",")) for ln in lines]
+
+
+def test_remat_policy_keeps_only_the_thin_products():
+  model = SharedInputs()
+  v = model.init(jax.random.key(0), X)
+  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec(["q", "k", "v", "gate", "up"], rank=2)))
+  wrapped = lora_jax.wrap(model.apply)
+  loss = lambda policy: jax.checkpoint(lambda ad, x: jnp.sum(jnp.sin(wrapped(v, ad, x))), policy=policy)  # noqa: E731
+  assert _saved_thin_products(loss(None), ad, X) == []
+  # x @ [a_q|a_k] (r = 2 + 2), x @ a_v (alone: another precision), h @ [a_gate|a_up]: (..., r) only.
+  assert sorted(_saved_thin_products(loss(lora_jax.remat_policy()), ad, X)) == [(3, 5, 2), (3, 5, 4), (3, 5, 4)]
+  g = [jax.grad(loss(p))(ad, X) for p in (None, lora_jax.remat_policy())]
+  _close(g[0], g[1], jnp.float32)
+  both = lora_jax.remat_policy(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  assert len(_saved_thin_products(loss(both), ad, X)) > 3
+  with pytest.raises(TypeError, match=r"remat_policy\(base='dots'\)"):
+    lora_jax.remat_policy("dots")

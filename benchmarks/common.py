@@ -75,6 +75,38 @@ CONFIGS = {
 }
 
 
+def add_runner_args(p: Any, timeout_s: float) -> None:
+  """The arguments of a script that runs variants, each optionally in its own subprocess."""
+  import argparse
+
+  p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
+  p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
+  p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
+  p.add_argument("--timeout-s", type=float, default=timeout_s, help="per-variant subprocess limit")
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--iters", type=int, default=None)
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+
+
+def runner_config(args: Any) -> BenchConfig:
+  """The config named by ``--config``, with ``--warmup`` / ``--iters`` applied when given."""
+  over = {k: v for k, v in (("warmup", args.warmup), ("iters", args.iters)) if v is not None}
+  return get_config(args.config, **over)
+
+
+def finish(payload: dict[str, Any], out: str, t_start: float, rows: list[dict[str, Any]],
+           cols: list[tuple[str, str, str]]) -> dict[str, Any]:
+  """Records the run's wall time, writes ``out``, prints the table of ``rows`` and the path."""
+  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+  write_json(out, payload)
+  print()
+  print_table(rows, cols)
+  print(f"wrote {out}")
+  return payload
+
+
 def get_config(name: str, **overrides: Any) -> BenchConfig:
   if name not in CONFIGS:
     raise SystemExit(f"unknown --config {name!r}; choose from {sorted(CONFIGS)}")

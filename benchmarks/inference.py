@@ -108,17 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base.get("ms") and f.get("ms"):
       f["vs_base"] = round(f["ms"] / base["ms"], 3)
     common.write_json(out, payload)
-  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-  common.write_json(out, payload)
-  print()
-  common.print_table(
-      rows,
+  return common.finish(
+      payload, out, t_start, rows,
       [("variant", "variant", ""), ("ms", "ms", ".2f"), ("vs_base", "x base", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
        ("rel_l2_diff_vs_merged", "rel diff vs merged", ".2e"), ("argmax_agree_vs_merged", "argmax agree", ".4f"),
        ("b0_equals_base", "b=0 == base", ""), ("error", "error", "")],
   )
-  print(f"wrote {out}")
-  return payload
 
 
 if __name__ == "__main__":

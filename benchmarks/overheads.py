@@ -138,16 +138,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lower_compile("train step: bare model, full FT", full_step, params, tx.init(params), tokens)
     lower_compile("train step: hand-written LoRA", lora_step(hand_loss), params, hand, tx.init(hand), tokens)
     lower_compile("train step: wrap (factored) LoRA", lora_step(lora_jax.wrap(bare_loss)), params, adapters, tx.init(adapters), tokens)
-  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-  common.write_json(out, payload)
-  print()
-  common.print_table(
-      rows,
+  return common.finish(
+      payload, out, t_start, rows,
       [("what", "what", ""), ("trace_s", "trace s", ".3f"), ("compile_s", "compile s", ".3f"),
        ("first_call_s", "first call s", ".4f"), ("median_s", "median s", ".4f"), ("error", "error", "")],
   )
-  print(f"wrote {out}")
-  return payload
 
 
 if __name__ == "__main__":

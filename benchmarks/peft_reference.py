@@ -121,18 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--out", default=None)
   p.add_argument("--variants", default=None, help=f"comma-separated keys (default: {','.join(PLAN)})")
   p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
-  p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
-  p.add_argument("--inprocess", action="store_true")
-  p.add_argument("--budget-s", type=float, default=1e9)
-  p.add_argument("--timeout-s", type=float, default=240)
-  p.add_argument("--warmup", type=int, default=None)
-  p.add_argument("--iters", type=int, default=None)
-  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
-  p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+  common.add_runner_args(p, timeout_s=240)
   args = p.parse_args(argv)
-  over = {k: v for k, v in (("warmup", args.warmup), ("iters", args.iters)) if v is not None}
-  cfg = common.get_config(args.config, **over)
+  cfg = common.runner_config(args)
 
   if args.worker:
     row = measure(*_parse(args.worker), cfg, args.peak_tflops)
@@ -172,17 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_json(out, payload)
     status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"
     print(f"  {key:28s} {status}", flush=True)
-  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-  common.write_json(out, payload)
-  print()
-  common.print_table(
-      rows,
+  return common.finish(
+      payload, out, t_start, rows,
       [("variant", "variant", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
        ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("first_step_s", "1st step s", ".1f"),
        ("trainable_params", "trainable", ",d"), ("error", "error", "")],
   )
-  print(f"wrote {out}")
-  return payload
 
 
 if __name__ == "__main__":

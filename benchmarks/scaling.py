@@ -73,17 +73,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  XLA plan {common.fmt(row.get('xla_mem_gib'), '.2f')} GiB"
     print(f"  {axis}={value:<4d} {status}", flush=True)
   rows.sort(key=lambda r: (r["axis"], r["rank"] if r["axis"] == "rank" else r["layers"]))
-  payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-  common.write_json(out, payload)
-  print()
-  common.print_table(
-      rows,
+  return common.finish(
+      payload, out, t_start, rows,
       [("axis", "axis", ""), ("rank", "rank", "d"), ("layers", "layers", "d"), ("step_ms", "step ms", ".1f"),
        ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"), ("xla_mem_gib", "XLA plan GiB", ".2f"),
        ("trainable_params", "trainable", ",d"), ("compile_s", "compile s", ".1f"), ("error", "error", "")],
   )
-  print(f"wrote {out}")
-  return payload
 
 
 if __name__ == "__main__":

@@ -291,18 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--append", action="store_true",
                  help="keep the rows already in --out; keys measured there are not run again, failed ones are")
   p.add_argument("--rank", type=int, default=RANK)
-  p.add_argument("--isolate", action="store_true", help="one subprocess per variant (default on GPU configs)")
-  p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
-  p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
-  p.add_argument("--timeout-s", type=float, default=180, help="per-variant subprocess limit")
-  p.add_argument("--warmup", type=int, default=None)
-  p.add_argument("--iters", type=int, default=None)
-  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
-  p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+  common.add_runner_args(p, timeout_s=180)
   args = p.parse_args(argv)
-  over = {k: v for k, v in (("warmup", args.warmup), ("iters", args.iters)) if v is not None}
-  cfg = common.get_config(args.config, **over)
+  cfg = common.runner_config(args)
 
   if args.worker:  # one variant in this (fresh) process
     import jax  # noqa: F401

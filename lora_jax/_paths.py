@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import jax  # noqa: F401 - used by the doctests
 from jax import tree_util as jtu
 
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import Adapter, is_adapter_or_none
 
 KeyPath = tuple[Any, ...]
 
@@ -43,10 +43,6 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
-def is_factors_or_none(x: Any) -> bool:
-  return x is None or isinstance(x, LoraFactors)
-
-
 def nearby(name: str, candidates: Iterable[str], n: int = 5) -> str:
   """A short human list of candidate paths close to ``name`` (for error messages)."""
   candidates = list(candidates)
@@ -57,8 +53,8 @@ def nearby(name: str, candidates: Iterable[str], n: int = 5) -> str:
   return ", ".join(repr(c) for c in close) + more
 
 
-def align(params: Any, adapters: Any) -> list[tuple[str, Any, LoraFactors | None]]:
-  """Pairs each leaf of ``params`` with its entry in ``adapters`` (a LoraFactors or None).
+def align(params: Any, adapters: Any) -> list[tuple[str, Any, Adapter | None]]:
+  """Pairs each leaf of ``params`` with its entry in ``adapters`` (an adapter or None).
 
   Raises:
     ValueError: ``adapters`` does not mirror ``params``; the message names the first path
@@ -72,9 +68,10 @@ def align(params: Any, adapters: Any) -> list[tuple[str, Any, LoraFactors | None
   out = []
   for (path, leaf), entry in zip(flat, entries):
     name = path_str(path)
-    if entry is not None and not isinstance(entry, LoraFactors):
+    if entry is not None and not isinstance(entry, Adapter):
       raise ValueError(
-          f"adapters[{name!r}] is a {type(entry).__name__}, expected a LoraFactors or None. "
+          f"adapters[{name!r}] is a {type(entry).__name__}, expected an adapter (LoraFactors, "
+          "or another lora_jax.kinds.Adapter) or None. "
           "Build adapters with lora_jax.init(rng, params, spec)."
       )
     out.append((name, leaf, entry))
@@ -84,7 +81,7 @@ def align(params: Any, adapters: Any) -> list[tuple[str, Any, LoraFactors | None
 def _structure_mismatch(params: Any, adapters: Any) -> str:
   """Names the first path where ``adapters`` does not mirror ``params``."""
   p_paths = [n for n, _ in leaves_with_paths(params)]
-  a_flat, _ = jtu.tree_flatten_with_path(adapters, is_leaf=is_factors_or_none)
+  a_flat, _ = jtu.tree_flatten_with_path(adapters, is_leaf=is_adapter_or_none)
   a_paths = [path_str(p) for p, x in a_flat if x is not None]
   missing = [p for p in a_paths if p not in set(p_paths)]
   if missing:

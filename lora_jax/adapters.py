@@ -10,25 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import align, path_str, tree_from_entries
-from lora_jax.adapters_node import LoraFactors, factor_shapes, kernel_delta
+from lora_jax.kinds import Adapter, LoraFactors, is_adapter, is_adapter_or_none
 from lora_jax.spec import LoraSpec, Target
 
 Array = Any
 PyTree = Any
-
-
-def _init_factors(key: Array, t: Target, dtype: Any) -> LoraFactors:
-  a_shape, b_shape = factor_shapes(t.shape, t.layout, t.rank)
-  if t.is_embedding:
-    # PEFT's embedding init: A (our a) zero, B (our b) standard normal.
-    a = jnp.zeros(a_shape, dtype)
-    b = jax.random.normal(key, b_shape, dtype)
-  else:
-    # PEFT's default: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    bound = 1.0 / np.sqrt(t.fan_in)
-    a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    b = jnp.zeros(b_shape, dtype)
-  return LoraFactors(a=a, b=b, scale=t.scale, layout=t.layout)
 
 
 def init(rng: Array, params: PyTree, spec: LoraSpec) -> PyTree:
@@ -57,7 +43,7 @@ def init(rng: Array, params: PyTree, spec: LoraSpec) -> PyTree:
   entries = []
   for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params)):
     t = targets.get(path)
-    entries.append(None if t is None else _init_factors(next(keys), t, spec.dtype or leaf.dtype))
+    entries.append(None if t is None else spec.kind.init(next(keys), t, spec.dtype or leaf.dtype))
   return tree_from_entries(params, entries)
 
 
@@ -71,11 +57,11 @@ def split(params: PyTree, spec: LoraSpec, rng: Array) -> tuple[PyTree, PyTree]:
   return params, init(rng, params, spec)
 
 
-def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, LoraFactors | None]]:
-  """Checks that ``adapters`` fit ``params`` (structure, factor shapes, dtypes).
+def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Adapter | None]]:
+  """Checks that ``adapters`` fit ``params`` (structure, leaf shapes from each kind's roles, dtypes).
 
   Returns:
-    ``[(path, leaf, factors_or_None), ...]`` in tree order.
+    ``[(path, leaf, adapter_or_None), ...]`` in tree order.
 
   Raises:
     ValueError: structure or shape mismatch, naming the path, expected and found shapes.
@@ -88,7 +74,7 @@ def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Lor
     shape = getattr(leaf, "shape", None)
     if shape is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
-          f"{path!r}: adapters hold LoraFactors for a leaf of type "
+          f"{path!r}: adapters hold a {type(f).__name__} for a leaf of type "
           f"{getattr(leaf, 'dtype', type(leaf).__name__)}; only floating-point kernels can be adapted."
       )
     if len(f.layout) != len(shape):
@@ -96,30 +82,25 @@ def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Lor
           f"{path!r}: adapter layout {f.layout!r} has {len(f.layout)} axes but the kernel has "
           f"shape {tuple(shape)}; these adapters were built for different params."
       )
-    rank = f.a.shape[-1] if getattr(f.a, "ndim", 0) else -1
-    want_a, want_b = factor_shapes(tuple(shape), f.layout, rank)
-    if tuple(f.a.shape) != want_a or tuple(f.b.shape) != want_b:
+    want = f.expected_shapes(tuple(shape))
+    got = {n: tuple(getattr(x, "shape", ())) for n, x in f.leaves().items()}
+    if want != got:
+      show = lambda d: " and ".join(f"{n}{s}" for n, s in d.items())  # noqa: E731
       raise ValueError(
-          f"{path!r}: kernel {tuple(shape)} (layout {f.layout!r}) expects factors a{want_a} and "
-          f"b{want_b} for rank {rank}, found a{tuple(f.a.shape)} and b{tuple(f.b.shape)}; these "
-          "adapters were built for different params."
+          f"{path!r}: kernel {tuple(shape)} (layout {f.layout!r}) expects {type(f).__name__} "
+          f"leaves {show(want)} for rank {f.sizes().get(('r',))}, found {show(got)}; these adapters were built for different params."
       )
   return rows
 
 
-def _apply_delta(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
-  entries = []
-  for _, leaf, f in check_adapters(params, adapters):
-    if f is None:
-      entries.append(leaf)
-    else:
-      d = kernel_delta(f.a, f.b, sign * f.scale, f.layout)
-      entries.append((leaf.astype(d.dtype) + d).astype(leaf.dtype))
-  return tree_from_entries(params, entries)
+def _apply(params: PyTree, adapters: PyTree, how: str) -> PyTree:
+  rows = check_adapters(params, adapters)
+  return tree_from_entries(params, [leaf if f is None else getattr(f, how)(leaf) for _, leaf, f in rows])
 
 
 def merge(params: PyTree, adapters: PyTree) -> PyTree:
-  """Folds adapters into the kernels: ``W + scale * a @ b`` at every adapted leaf.
+  """Folds adapters into the kernels: ``W + scale * a @ b`` at every adapted leaf (each
+  adapter kind's own :meth:`~lora_jax.kinds.Adapter.merge`).
 
   The sum is formed in float32 (or wider) and cast back, so the result has exactly the
   structure, shapes and dtypes of ``params``: ready to save or to serve with the unchanged
@@ -131,12 +112,12 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
   Array([[0.5, 0.5],
          [0.5, 0.5]], dtype=float32)
   """
-  return _apply_delta(params, adapters, 1.0)
+  return _apply(params, adapters, "merge")
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
   """Inverse of :func:`merge`: subtracts ``scale * a @ b`` (exact up to rounding)."""
-  return _apply_delta(params, adapters, -1.0)
+  return _apply(params, adapters, "unmerge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +167,9 @@ def _nbytes(x: Any) -> int:
 def count(adapters: PyTree, params: PyTree | None = None) -> LoraCount:
   """Trainable (adapter) and frozen (base) parameter counts and bytes.
 
+  What trains is what each adapter kind declares (``TRAINABLE``); frozen adapter leaves
+  count with the base.
+
   >>> params = {"w": {"kernel": jnp.zeros((10, 10))}}
   >>> c = count(init(jax.random.key(0), params, LoraSpec("w/kernel", rank=2)), params)
   >>> c.trainable, c.base, round(c.fraction, 3)
@@ -194,15 +178,14 @@ def count(adapters: PyTree, params: PyTree | None = None) -> LoraCount:
   if params is not None:
     found = [(p, f) for p, _, f in check_adapters(params, adapters) if f is not None]
   else:
-    flat, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, LoraFactors))
-    found = [(path_str(p), f) for p, f in flat if isinstance(f, LoraFactors)]
-  rows = []
-  for path, f in found:
-    rows.append((path, f.kernel_shape, f.rank, int(np.prod(f.a.shape) + np.prod(f.b.shape))))
-  trainable_bytes = sum(_nbytes(f.a) + _nbytes(f.b) for _, f in found)
+    flat, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_adapter_or_none)
+    found = [(path_str(p), f) for p, f in flat if is_adapter(f)]
+  rows = tuple((path, f.kernel_shape, f.rank, f.num_params(trainable=True)) for path, f in found)
+  trainable_bytes = sum(_nbytes(x) for _, f in found for n, x in f.leaves().items() if n in f.TRAINABLE)
+  frozen = [x for _, f in found for n, x in f.leaves().items() if n not in f.TRAINABLE]
   base = base_bytes = None
   if params is not None:
-    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")]
+    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")] + frozen
     base = sum(int(np.prod(x.shape)) for x in leaves)
     base_bytes = sum(_nbytes(x) for x in leaves)
-  return LoraCount(tuple(rows), sum(r[3] for r in rows), trainable_bytes, base, base_bytes)
+  return LoraCount(rows, sum(r[3] for r in rows), trainable_bytes, base, base_bytes)

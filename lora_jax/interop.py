@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import LoraFactors
 from lora_jax.io import (
     AdapterFileError,
     _alpha,

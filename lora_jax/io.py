@@ -25,7 +25,7 @@ import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby, path_str, tree_from_entries
 from lora_jax.adapters import check_adapters, merge
-from lora_jax.adapters_node import LoraFactors, factor_shapes, kernel_shape, layout_counts
+from lora_jax.kinds import LoraFactors, factor_shapes, kernel_shape, layout_counts
 from lora_jax.spec import LoraSpec
 
 PyTree = Any

@@ -20,7 +20,7 @@ import jax
 import optax
 
 from lora_jax._paths import leaves_with_paths
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import Adapter, LoraFactors, is_adapter
 
 PyTree = Any
 ScalarOrSchedule = Union[float, Callable[[Any], Any]]
@@ -34,27 +34,31 @@ _A = "lora_a"
 _B = "lora_b"
 
 
-def _is_factors(x: Any) -> bool:
-  return isinstance(x, LoraFactors)
+_is_factors = is_adapter
 
 
-def _label_tree(tree: PyTree, a: Any, b: Any, other: Any) -> PyTree:
-  """``tree`` with the labels ``a`` and ``b`` in each LoraFactors and ``other`` at every other leaf."""
+def _label_tree(tree: PyTree, slow: Any, fast: Any, other: Any) -> PyTree:
+  """``tree`` with a label at every leaf: inside each adapter, ``fast`` for the kind's
+  ``LORA_PLUS_FAST`` leaves, ``slow`` for its other trainable leaves and ``other`` for its
+  frozen ones; ``other`` at every leaf outside an adapter."""
 
   def label(x: Any) -> Any:
-    if isinstance(x, LoraFactors):
-      return LoraFactors(a=a, b=b, scale=x.scale, layout=x.layout)
-    return other
+    if not isinstance(x, Adapter):
+      return other
+    return x.replace(**{
+        n: (fast if n in x.LORA_PLUS_FAST else slow) if n in x.TRAINABLE else other for n in x.ROLES
+    })
 
   return jax.tree.map(label, tree, is_leaf=_is_factors)
 
 
 def trainable_mask(tree: PyTree) -> PyTree:
-  """A bool tree shaped like ``tree``: True for the leaves of every :class:`LoraFactors`.
+  """A bool tree shaped like ``tree``: True for the trainable leaves of every adapter
+  (:class:`LoraFactors`, or what another kind declares ``TRAINABLE``).
 
   ``tree`` may be an adapters tree, a combined tree such as ``{"base": params, "lora":
-  adapters}``, or any tree that mixes frozen arrays and ``LoraFactors``; every leaf outside a
-  ``LoraFactors`` is False. The result can serve as an optax mask.
+  adapters}``, or any tree that mixes frozen arrays and adapters; every leaf outside an
+  adapter, and every frozen adapter leaf, is False. The result can serve as an optax mask.
 
   Args:
     tree: any pytree.

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.adapters import check_adapters
 from lora_jax._paths import tree_from_entries
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import Adapter, LoraFactors, is_adapter_or_none, kernel_labels, leaf_labels
 
 PyTree = Any
 
@@ -17,6 +17,16 @@ PyTree = Any
 def _spec_axes(spec: PartitionSpec, ndim: int) -> list[Any]:
   entries = list(spec) + [None] * (ndim - len(spec))
   return entries[:ndim]
+
+
+def leaf_spec(kernel_spec: PartitionSpec, layout: str, pattern: str) -> PartitionSpec:
+  """PartitionSpec of an adapter leaf with role ``pattern`` on a kernel sharded as ``kernel_spec``.
+
+  Each kernel-role axis of the leaf (``'l'``, ``'i'``, ``'o'``) keeps the sharding of the kernel
+  axis it stands for; the adapter's own axes (rank, bank) are replicated.
+  """
+  axes = dict(zip(kernel_labels(layout), _spec_axes(kernel_spec, len(layout))))
+  return PartitionSpec(*(axes.get(lab) for lab in leaf_labels(pattern, layout)))
 
 
 def factor_specs(kernel_spec: PartitionSpec, layout: str) -> tuple[PartitionSpec, PartitionSpec]:
@@ -31,15 +41,12 @@ def factor_specs(kernel_spec: PartitionSpec, layout: str) -> tuple[PartitionSpec
   >>> a == PartitionSpec("fsdp", None), b == PartitionSpec(None, "tp")
   (True, True)
   """
-  axes = _spec_axes(kernel_spec, len(layout))
-  ls = [s for s, c in zip(axes, layout) if c == "l"]
-  ins = [s for s, c in zip(axes, layout) if c == "i"]
-  outs = [s for s, c in zip(axes, layout) if c == "o"]
-  return PartitionSpec(*ls, *ins, None), PartitionSpec(*ls, None, *outs)
+  return leaf_spec(kernel_spec, layout, "lir"), leaf_spec(kernel_spec, layout, "lro")
 
 
 def adapter_shardings(params: PyTree, adapters: PyTree) -> PyTree:
-  """A tree like ``adapters`` holding, per adapted kernel, ``LoraFactors`` of shardings.
+  """A tree like ``adapters`` holding, per adapted kernel, the adapter with a sharding in
+  place of each leaf (derived from the leaf's roles, see :func:`leaf_spec`).
 
   Kernels must carry a ``NamedSharding`` (arrays placed with ``jax.device_put`` or a jit's
   ``out_shardings``, or ``jax.ShapeDtypeStruct(..., sharding=...)``). Use the result as
@@ -60,12 +67,8 @@ def adapter_shardings(params: PyTree, adapters: PyTree) -> PyTree:
           "NamedSharding on every adapted kernel (place params with jax.device_put(x, "
           "NamedSharding(mesh, spec)) first)."
       )
-    a_spec, b_spec = factor_specs(sharding.spec, f.layout)
-    mesh = sharding.mesh
     entries.append(
-        LoraFactors(
-            a=NamedSharding(mesh, a_spec), b=NamedSharding(mesh, b_spec), scale=f.scale, layout=f.layout
-        )
+        f.replace(**{n: NamedSharding(sharding.mesh, leaf_spec(sharding.spec, f.layout, pat)) for n, pat in f.ROLES.items()})
     )
   return tree_from_entries(params, entries)
 
@@ -83,7 +86,6 @@ def shard_like(adapters: PyTree, params: PyTree) -> PyTree:
   True
   """
   shardings = adapter_shardings(params, adapters)
-  is_leaf = lambda x: x is None or isinstance(x, LoraFactors)  # noqa: E731
   return jax.tree.map(
-      lambda f, s: None if f is None else jax.device_put(f, s), adapters, shardings, is_leaf=is_leaf
+      lambda f, s: None if f is None else jax.device_put(f, s), adapters, shardings, is_leaf=is_adapter_or_none
   )

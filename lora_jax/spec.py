@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
+from lora_jax.kinds import Adapter, LoraFactors, kind_named
 
 Targets = Union[str, Sequence[str], Callable[[str, Any], bool]]
 LayoutRule = Union[Mapping[str, str], Callable[[str, Any], Union[str, None]], None]
@@ -66,6 +67,8 @@ class LoraSpec:
       (Dense ``(in, out)``, Conv ``(kh, kw, cin, cout)``, DenseGeneral ``(heads, dim, out)``)
       and an embedding is ``'io'``. :func:`lora_jax.infer_layout` reads layouts off a model.
     dtype: dtype of the factors (float32 by default; ``None`` uses each kernel's dtype).
+    kind: the adapter kind to create (:class:`lora_jax.LoraFactors`, plain LoRA, by default;
+      any registered :class:`lora_jax.kinds.Adapter` subclass).
 
   >>> spec = LoraSpec(["query", "value"], rank=4, alpha=8)
   >>> spec.rank, spec.alpha
@@ -80,8 +83,14 @@ class LoraSpec:
   rslora: bool = False
   layout: LayoutRule = None
   dtype: Any = jnp.float32
+  kind: type[Adapter] = LoraFactors
 
   def __post_init__(self):
+    if not (isinstance(self.kind, type) and issubclass(self.kind, Adapter) and kind_named(self.kind.KIND) is self.kind):
+      raise TypeError(
+          f"LoraSpec(kind={self.kind!r}): expected an adapter kind registered with "
+          "lora_jax.kinds.register_kind, e.g. lora_jax.LoraFactors."
+      )
     if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
       raise ValueError(f"LoraSpec(rank={self.rank!r}): rank must be a positive integer.")
     for name in ("rank_pattern", "alpha_pattern", "layout"):

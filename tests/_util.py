@@ -5,7 +5,7 @@ import numpy as np
 
 from lora_jax import LoraFactors
 from lora_jax._paths import leaves_with_paths, tree_from_entries
-from lora_jax.adapters_node import factor_shapes
+from lora_jax.kinds import factor_shapes
 
 
 def random_adapters(params, spec, *, seed=0, std=1.0, dtype=jnp.float32):

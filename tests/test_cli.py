@@ -11,7 +11,7 @@ import pytest
 
 import lora_jax
 from lora_jax.__main__ import main
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import LoraFactors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import pytest
 import lora_jax
 from lora_jax import io
 from _util import random_adapters
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import LoraFactors
 from lora_jax.interop import BERT, LLAMA, NameMap, export_peft, import_peft, read_peft
 from lora_jax.models import bert, llama
 

@@ -18,7 +18,7 @@ import lora_jax
 from lora_jax import io
 from _util import random_adapters
 from lora_jax._paths import leaves_with_paths
-from lora_jax.adapters_node import LoraFactors
+from lora_jax.kinds import LoraFactors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -493,7 +493,7 @@ def test_sharded_save_load():
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       import lora_jax
-      from lora_jax.adapters_node import LoraFactors
+      from lora_jax.kinds import LoraFactors
       assert jax.device_count() == 8
       mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
       params = {"q": {"kernel": jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P("data", "model")))}}

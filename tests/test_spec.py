@@ -261,16 +261,16 @@ def test_adapters_that_do_not_fit_params(params):
       lambda p, x: jnp.ones((DIM, 2 * HIDDEN)) if lora_jax._paths.path_str(p) == "layers_0/mlp/fc1/kernel" else x,
       params,
   )
-  with pytest.raises(ValueError, match=r"'layers_0/mlp/fc1/kernel': kernel \(16, 64\) \(layout 'io'\) expects factors a\(16, 2\) and b\(2, 64\) for rank 2, found a\(16, 2\) and b\(2, 32\)"):
+  with pytest.raises(ValueError, match=r"'layers_0/mlp/fc1/kernel': kernel \(16, 64\) \(layout 'io'\) expects LoraFactors leaves a\(16, 2\) and b\(2, 64\) for rank 2, found a\(16, 2\) and b\(2, 32\)"):
     lora_jax.merge(wide, ad)
   # Something that is not a LoraFactors where one belongs.
   bad = jax.tree_util.tree_map_with_path(lambda p, x: x, ad, is_leaf=lambda x: isinstance(x, LoraFactors))
   bad["layers_0"]["mlp"]["fc2"]["kernel"] = np.zeros((HIDDEN, DIM))
-  with pytest.raises(ValueError, match=r"adapters\['layers_0/mlp/fc2/kernel'\] is a ndarray, expected a LoraFactors or None"):
+  with pytest.raises(ValueError, match=r"adapters\['layers_0/mlp/fc2/kernel'\] is a ndarray, expected an adapter \(LoraFactors, or another lora_jax.kinds.Adapter\) or None"):
     lora_jax.check_adapters(params, bad)
   # An integer leaf holding factors.
   ints = jax.tree.map(lambda x: x.astype(jnp.int32), params)
-  with pytest.raises(TypeError, match=r"'layers_0/mlp/fc1/kernel': adapters hold LoraFactors for a leaf of type int32"):
+  with pytest.raises(TypeError, match=r"'layers_0/mlp/fc1/kernel': adapters hold a LoraFactors for a leaf of type int32"):
     lora_jax.unmerge(ints, ad)
   # A layout with the wrong number of axes.
   f = ad["layers_0"]["mlp"]["fc1"]["kernel"]

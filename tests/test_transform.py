@@ -434,7 +434,7 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="adapters have 'v', which params lack"):
     f(params, {"v": ad["w"]}, jnp.ones((1, 4)))
   bad = {"w": LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), 1.0, "io")}
-  with pytest.raises(ValueError, match=r"'w': kernel \(4, 4\) .* expects factors a\(4, 2\)"):
+  with pytest.raises(ValueError, match=r"'w': kernel \(4, 4\) .* expects LoraFactors leaves a\(4, 2\)"):
     f(params, bad, jnp.ones((1, 4)))
   with pytest.raises(TypeError, match="params\\['name'\\] is a str, not an array"):
     f({"w": params["w"], "name": "dense"}, {"w": ad["w"], "name": None}, jnp.ones((1, 4)))

@@ -1,0 +1,30 @@
+"""Adapter kinds: plain LoRA and the interface every variant implements (see ``base``)."""
+
+from lora_jax.kinds.base import (
+    Adapter,
+    check_layout,
+    is_adapter,
+    is_adapter_or_none,
+    kernel_labels,
+    kind_named,
+    layout_counts,
+    leaf_labels,
+    register_kind,
+)
+from lora_jax.kinds.lora import LoraFactors, factor_shapes, kernel_delta, kernel_shape
+
+__all__ = [
+    "Adapter",
+    "check_layout",
+    "factor_shapes",
+    "is_adapter",
+    "is_adapter_or_none",
+    "kernel_delta",
+    "kernel_labels",
+    "kernel_shape",
+    "kind_named",
+    "layout_counts",
+    "leaf_labels",
+    "LoraFactors",
+    "register_kind",
+]

@@ -8,6 +8,7 @@ from lora_jax.layout import infer_layout
 from lora_jax.optim import freeze_base, lora_plus, trainable_mask
 from lora_jax.sharding import adapter_shardings, shard_like
 from lora_jax.spec import LoraSpec, Target
+from lora_jax.nnx import from_nnx, to_nnx
 from lora_jax.transform import (
     THIN_PRODUCT_NAME,
     LoraFallbackError,
@@ -15,9 +16,7 @@ from lora_jax.transform import (
     LoraLayoutWarning,
     Report,
     explain,
-    from_nnx,
     remat_policy,
-    to_nnx,
     wrap,
 )
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import jax  # noqa: F401 - used by the doctests
 from jax import tree_util as jtu
 
+from lora_jax.bases import is_base_leaf
 from lora_jax.kinds import Adapter, is_adapter_or_none
 
 KeyPath = tuple[Any, ...]
@@ -38,8 +39,9 @@ def path_str(path: KeyPath) -> str:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-  """All leaves of ``tree`` with their '/'-joined paths, in flattening order."""
-  flat, _ = jtu.tree_flatten_with_path(tree)
+  """All leaves of ``tree`` with their '/'-joined paths, in flattening order; a
+  :class:`lora_jax.bases.BaseLeaf` (e.g. a quantized kernel) is one leaf."""
+  flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_base_leaf)
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
@@ -60,7 +62,7 @@ def align(params: Any, adapters: Any) -> list[tuple[str, Any, Adapter | None]]:
     ValueError: ``adapters`` does not mirror ``params``; the message names the first path
       at which they differ.
   """
-  flat, treedef = jtu.tree_flatten_with_path(params)
+  flat, treedef = jtu.tree_flatten_with_path(params, is_leaf=is_base_leaf)
   try:
     entries = treedef.flatten_up_to(adapters)
   except (ValueError, TypeError) as e:
@@ -99,7 +101,7 @@ def _structure_mismatch(params: Any, adapters: Any) -> str:
 
 def tree_from_entries(params: Any, entries: list[Any]) -> Any:
   """A tree shaped like ``params`` holding ``entries`` (one per params leaf)."""
-  return jtu.tree_unflatten(jtu.tree_structure(params), entries)
+  return jtu.tree_unflatten(jtu.tree_structure(params, is_leaf=is_base_leaf), entries)
 
 
 __all__ = ["path_str", "leaves_with_paths", "align", "nearby", "tree_from_entries"]

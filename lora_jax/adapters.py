@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.bases import dense, is_base_leaf
 from lora_jax._paths import align, path_str, tree_from_entries
 from lora_jax.kinds import Adapter, LoraFactors, is_adapter, is_adapter_or_none
 from lora_jax.spec import LoraSpec, Target
@@ -41,7 +42,7 @@ def init(rng: Array, params: PyTree, spec: LoraSpec) -> PyTree:
   targets = {t.path: t for t in spec.resolve(params)}
   keys = iter(jax.random.split(rng, max(len(targets), 1)))
   entries = []
-  for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params)):
+  for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params, is_leaf=is_base_leaf)):
     t = targets.get(path)
     entries.append(None if t is None else spec.kind.init(next(keys), t, spec.dtype or leaf.dtype))
   return tree_from_entries(params, entries)
@@ -95,7 +96,8 @@ def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Ada
 
 def _apply(params: PyTree, adapters: PyTree, how: str) -> PyTree:
   rows = check_adapters(params, adapters)
-  return tree_from_entries(params, [leaf if f is None else getattr(f, how)(leaf) for _, leaf, f in rows])
+  # A base leaf (e.g. a quantized kernel) merges into a dense kernel of its dtype.
+  return tree_from_entries(params, [leaf if f is None else getattr(f, how)(dense(leaf)) for _, leaf, f in rows])
 
 
 def merge(params: PyTree, adapters: PyTree) -> PyTree:

@@ -248,7 +248,7 @@ def test_scanned_stack_with_shared_factor_axis():
   all_factored(rep)
   assert "scan slices the kernel along an axis marked 'i'" in rep.layout_notes["params/layers/up/kernel"]
   ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/layers/up/kernel", rank=2))
-  with pytest.warns(lora_jax.LoraLayoutWarning, match="'params/layers/up/kernel': its layout looks wrong"):
+  with pytest.warns(lora_jax.LoraLayoutWarning, match="'params/layers/up/kernel': its layout 'iio' looks wrong"):
     lora_jax.wrap(model.apply)(v, ad, X)
 
 

@@ -50,7 +50,7 @@ class LoraFactors(Adapter):
     return kernel_delta(self.a, self.b, self.scale, self.layout, dtype)
 
   def contribute(self, site: Any) -> Array:
-    return site.base() + site.low_rank("a", "b", self.scale)
+    return site.base() + site.low_rank(self.a, self.b, self.scale)
 
   @classmethod
   def init(cls, key: Array, target: Any, dtype: Any) -> "LoraFactors":

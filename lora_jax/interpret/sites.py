@@ -1,0 +1,349 @@
+"""Consumer sites: where a kernel view meets a matmul, a convolution or a row lookup.
+
+A site offers what an adapter kind needs to compute its contribution there
+(``Adapter.contribute(site)``), without forming the adapted kernel:
+
+* ``base()``: the original op on the frozen kernel's view, ``op(x, view(W))``;
+* ``low_rank(a, b, scale)``: ``scale * op(x, view(a @ b))`` for factors laid out like
+  plain LoRA's (``a``: roles ``'lir'``, ``b``: ``'lro'``, in the view's current labels),
+  computed as two thin products; when ``a`` is the adapter's ``GROUP_LEAF`` the first product
+  may come from a grouped matmul shared with other adapters reading the same input;
+* ``x``, ``t`` (the view), ``primitive``, ``path``.
+
+A consumer rule builds its site, asks :meth:`plan` whether the use can be computed factored,
+and otherwise materialises (through the kind's ``merge``) for that use only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from lora_jax.interpret.views import View
+from lora_jax.kinds import leaf_labels
+
+Array = Any
+THIN_PRODUCT_NAME = "lora_jax.x_a"  # checkpoint_name of each factored matmul's x @ a product
+
+
+def acc_dtype(dtype: Any) -> Any:
+  """Accumulation dtype of a thin product: float32, or wider for wider inputs (float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def bind(eqn, invals):
+  prim = eqn.primitive
+  got = prim.get_bind_params(eqn.params)
+  subfuns, params = got if isinstance(got, tuple) else ((), got)  # JAX < 0.7 returned a pair
+  mgr = getattr(getattr(eqn, "ctx", None), "manager", None)
+  if mgr is None:
+    return prim.bind(*subfuns, *invals, **params)
+  with mgr:
+    return prim.bind(*subfuns, *invals, **params)
+
+
+def _dot_by_labels(x, xl, y, yl, contract, batch, precision, pref):
+  """dot_general of two labelled arrays; returns the result and its labels."""
+  xc = [xl.index(c) for c in contract]
+  yc = [yl.index(c) for c in contract]
+  xb = [xl.index(c) for c in batch]
+  yb = [yl.index(c) for c in batch]
+  out = lax.dot_general(x, y, ((xc, yc), (xb, yb)), precision=precision, preferred_element_type=pref)
+  skip = set(contract) | set(batch)
+  labels = list(batch) + [c for c in xl if c not in skip] + [c for c in yl if c not in skip]
+  return out, labels
+
+
+class Site:
+  """Common part of the consumer sites."""
+
+  primitive = ""
+
+  def __init__(self, ctx, eqn, t: View, x: Array):
+    self.ctx, self.eqn, self.t, self.x = ctx, eqn, t, x
+    self.path = t.path
+    self.out_dtype = eqn.outvars[0].aval.dtype
+
+  def group_leaf(self) -> Array | None:
+    name = self.t.adapter.GROUP_LEAF
+    return None if name is None else getattr(self.t.adapter, name)
+
+  def _factors(self, a: Array, b: Array) -> tuple[Array, Array]:
+    return a.astype(self.t.dtype), b.astype(self.t.dtype)
+
+  def _scaled(self, tmp: Array, scale: Any) -> Array:
+    """The thin ``(..., r)`` product times the scale, in the op's dtype (never the full-size one)."""
+    return (tmp * scale).astype(self.t.dtype)
+
+
+class DotSite(Site):
+  """A ``dot_general`` with the kernel view as one operand.
+
+  The first product contracts ``x`` with the factor that carries the contracted kernel axes
+  (``a`` when the matmul contracts fan-in, ``b`` when it contracts fan-out, as a tied
+  embedding head does); the second contracts the thin result over the rank. Labels name
+  axes: ``('x', k)`` is axis ``k`` of ``x`` (kernel axes that meet it share the label),
+  ``('t', v)`` a free kernel-view axis, ``'r'`` the rank axis.
+  """
+
+  primitive = "dot_general"
+
+  def __init__(self, ctx, eqn, lhs, rhs, first=None):
+    self.t_is_lhs = isinstance(lhs, View)
+    t, x = (lhs, rhs) if self.t_is_lhs else (rhs, lhs)
+    super().__init__(ctx, eqn, t, x)
+    self.first_given = first
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    tc, xc, tb, xb = (lc, rc, lb, rb) if self.t_is_lhs else (rc, lc, rb, lb)
+    self.precision = eqn.params.get("precision")
+    self.why = ""
+    roles_c = {t.axes[v][0] for v in tc}
+    if any(t.axes[v][0] != "l" for v in tb):
+      self.why = "a batch dimension of the matmul is not a leading (layer) axis of the kernel"
+    elif len(roles_c) > 1 or roles_c == {"l"}:
+      self.why = "the matmul contracts fan-in and fan-out axes of the kernel together"
+    self.first = "o" if roles_c == {"o"} else "i"
+    if not self.why:
+      free_same = [v for v, (k, _) in enumerate(t.axes) if k == self.first and v not in tc and t.shape[v] != 1]
+      if tc and free_same:
+        ctx.layout_note(
+            t,
+            f"a matmul contracts kernel-view axes {list(tc)} but leaves axes {free_same}, also "
+            f"marked {self.first!r}, free",
+        )
+      ctx.contracts(t, self.first)
+    self.xl = [("x", k) for k in range(x.ndim)]
+    vlab: list[Any] = [("t", v) for v in range(len(t.axes))]
+    for v, k in zip(tc, xc):
+      vlab[v] = self.xl[k]
+    for v, k in zip(tb, xb):
+      vlab[v] = self.xl[k]
+    self.vlab = vlab
+    self.by_label = {lab: vlab[v] for v, lab in enumerate(t.axes)}
+    self.contract = [self.xl[k] for k in xc]
+    self.batch = [self.xl[k] for k in xb]
+
+  @property
+  def ok(self) -> bool:
+    return not self.why
+
+  def labels_of(self, pattern_labels: Sequence[Any]) -> list[Any]:
+    return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
+
+  def base(self) -> Array:
+    ops = [self.t.view_value(), self.x] if self.t_is_lhs else [self.x, self.t.view_value()]
+    return bind(self.eqn, ops)
+
+  def first_operand(self, a: Array, b: Array) -> tuple[Array, list, Array, list]:
+    """``(f1, labels, f2, labels)``: the factors in the order the two products use them."""
+    la = self.labels_of(leaf_labels("lir", self.t.adapter.layout))
+    lb = self.labels_of(leaf_labels("lro", self.t.adapter.layout))
+    a, b = self._factors(a, b)
+    return (a, la, b, lb) if self.first == "i" else (b, lb, a, la)
+
+  def first_product(self, f1: Array, l1: list) -> tuple[Array, list]:
+    tmp, tl = _dot_by_labels(self.x, self.xl, f1, l1, self.contract, self.batch, self.precision, acc_dtype(self.t.dtype))
+    # Named so that a remat policy can keep this thin (..., r) product (see remat_policy).
+    return checkpoint_name(tmp, THIN_PRODUCT_NAME), tl
+
+  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+    f1, l1, f2, l2 = self.first_operand(a, b)
+    if self.first_given is not None and self.first == "i" and a is self.group_leaf():
+      tmp, tl = self.first_given
+    else:
+      tmp, tl = self.first_product(f1, l1)
+    tmp = self._scaled(tmp, scale)
+    # Leading axes left free ride along as batch axes of the second product.
+    batch2 = [c for c in tl if c != "r" and c in l2]
+    out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, self.precision, self.out_dtype)
+    # The original op's output order: batch, lhs free, rhs free.
+    skip = set(self.contract) | set(self.batch)
+    xfree = [c for c in self.xl if c not in skip]
+    tfree = [self.vlab[v] for v in range(len(self.t.axes)) if self.vlab[v] not in skip]
+    want = self.batch + (tfree + xfree if self.t_is_lhs else xfree + tfree)
+    return jnp.transpose(out, [ol.index(c) for c in want])
+
+  def group_key(self) -> tuple | None:
+    """What two sites must share for their first products to be one matmul, or None."""
+    leaf = self.group_leaf()
+    if not self.ok or self.first != "i" or leaf is None:
+      return None
+    f1, l1, _, _ = self.first_operand(leaf, leaf)
+    if not all(lab == "r" or lab[0] == "x" for lab in l1):
+      return None
+    return (tuple(l1), f1.dtype, self.precision, tuple(n for lab, n in zip(l1, f1.shape) if lab != "r"))
+
+
+def grouped_first_products(sites: Sequence[DotSite]) -> list[tuple[Array, list]]:
+  """The first products of ``sites`` (same ``x``, same :meth:`DotSite.group_key`) as one
+  matmul over their group leaves concatenated along the rank axis, split back per site."""
+  firsts = [s.first_operand(s.group_leaf(), s.group_leaf())[:2] for s in sites]
+  l1 = firsts[0][1]
+  r_axis = l1.index("r")
+  f1 = jnp.concatenate([f for f, _ in firsts], axis=r_axis)
+  tmp, tl = sites[0].first_product(f1, l1)
+  sizes = [f.shape[r_axis] for f, _ in firsts]
+  parts = jnp.split(tmp, np.cumsum(sizes)[:-1].tolist(), axis=tl.index("r"))
+  return [(part, tl) for part in parts]
+
+
+def _rows_times_b(site: Site, rows: Array, b: Array, scale: Any) -> Array:
+  """``scale * rows @ b`` for ``rows`` of shape (..., r) and ``b`` of shape (r, out)."""
+  rows = site._scaled(rows, scale)
+  return lax.dot_general(rows, b.astype(site.t.dtype), (([rows.ndim - 1], [0]), ([], [])), preferred_element_type=site.out_dtype)
+
+
+def _kernel_like(t: View, a: Array, axis: int) -> Array:
+  """``a`` (roles 'ir') arranged like the kernel view, with view axis ``axis`` (fan-out)
+  replaced by the rank axis."""
+  labels = leaf_labels("lir", t.adapter.layout)
+  order = [labels.index(t.axes[v]) if v != axis else len(labels) - 1 for v in range(len(t.axes))]
+  return jnp.transpose(a, order)
+
+
+class ConvSite(Site):
+  """A ``conv_general_dilated`` with the kernel view as its filter: the first product is the
+  same convolution with ``a`` (the fan-out axis replaced by the rank), the second a 1x1 map
+  from rank to fan-out. Grouped convolutions (``feature_group_count = G``) tile ``a`` over
+  the groups, so the first product has ``G * r`` channels."""
+
+  primitive = "conv_general_dilated"
+
+  def __init__(self, ctx, eqn, x, t):
+    super().__init__(ctx, eqn, t, x)
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    self.out_feat, self.feat = dn.rhs_spec[0], dn.out_spec[1]
+    self.groups = p["feature_group_count"]
+    roles = [k for k, _ in t.axes]
+    self.why = ""
+    if roles[self.out_feat] != "o" or roles.count("o") != 1 or "l" in roles:
+      self.why = "the conv's output-feature axis is not the kernel's only fan-out axis"
+    elif p["batch_group_count"] != 1:
+      self.why = "batch_group_count > 1 (a convolution's weight-gradient form)"
+    self.merge_cheaper = ""
+    if not self.why and self.groups > 1:
+      cout, r = t.shape[self.out_feat], t.adapter.rank
+      if self.groups * r > cout:
+        self.merge_cheaper = (
+            f"a grouped conv with {self.groups} groups: its factored form needs {self.groups} x r = "
+            f"{self.groups * r} channels, more than the {cout} output channels, while its kernel "
+            f"{tuple(t.shape)} is small"
+        )
+
+  def base(self) -> Array:
+    return bind(self.eqn, [self.x, self.t.view_value()])
+
+  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+    a, b = self._factors(a, b)
+    a_k = _kernel_like(self.t, a, self.out_feat)
+    g = self.groups
+    if g > 1:  # output channel j*r + k of group j uses a[..., k]
+      a_k = jnp.concatenate([a_k] * g, axis=self.out_feat)
+    p = self.eqn.params
+    tmp = lax.conv_general_dilated_p.bind(self.x, a_k, **dict(p, preferred_element_type=acc_dtype(self.t.dtype)))
+    tmp = jnp.moveaxis(tmp, self.feat, -1)
+    if g == 1:
+      delta = _rows_times_b(self, tmp, b, scale)
+    else:
+      r, cout = b.shape
+      tmp = self._scaled(tmp.reshape(*tmp.shape[:-1], g, r), scale)
+      bg = jnp.transpose(b.reshape(r, g, cout // g), (1, 0, 2))  # (g, r, cout/g)
+      delta = lax.dot_general(tmp, bg, (([tmp.ndim - 1], [1]), ([tmp.ndim - 2], [0])), preferred_element_type=self.out_dtype)
+      delta = jnp.moveaxis(delta, 0, -2).reshape(*tmp.shape[:-2], cout)
+    return jnp.moveaxis(delta, -1, self.feat)
+
+
+class GatherSite(Site):
+  """A ``gather`` that selects whole rows of the kernel view (an embedding lookup): the rows
+  of ``a`` are gathered the same way, then mapped from rank to fan-out. A lookup that also
+  indexes the fan-out axis with a full-width slice (``weight[i]`` under ``vmap``) is the same
+  lookup: its start index on that axis is clamped to 0 for the kernel and for ``a`` alike."""
+
+  primitive = "gather"
+
+  def __init__(self, ctx, eqn, t, idx):
+    super().__init__(ctx, eqn, t, idx)
+    dn = eqn.params["dimension_numbers"]
+    self.dn = dn
+    roles = [k for k, _ in t.axes]
+    o_axes = [v for v, k in enumerate(roles) if k == "o"]
+    collapsed = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    self.why = ""
+    if "l" in roles or len(o_axes) != 1:
+      self.why = "the kernel view has a leading axis or more than one fan-out axis"
+    elif o_axes[0] in collapsed or eqn.params["slice_sizes"][o_axes[0]] != t.shape[o_axes[0]]:
+      self.why = "the lookup slices the fan-out axis"
+    self.ov = o_axes[0] if o_axes else None
+    if not self.why:
+      ctx.gathers(t)
+
+  def base(self) -> Array:
+    return bind(self.eqn, [self.t.view_value(), self.x])
+
+  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+    a_k = _kernel_like(self.t, a, self.ov)
+    sizes = list(self.eqn.params["slice_sizes"])
+    sizes[self.ov] = a_k.shape[self.ov]
+    rows = lax.gather_p.bind(a_k, self.x, **dict(self.eqn.params, slice_sizes=tuple(sizes)))
+    # The r axis lands where the fan-out axis would: the offset dim of the kernel's axis ``ov``.
+    offset_axes = [v for v in range(len(self.t.axes)) if v not in self.dn.collapsed_slice_dims]
+    pos = self.dn.offset_dims[offset_axes.index(self.ov)]
+    delta = _rows_times_b(self, jnp.moveaxis(rows, pos, -1), b, scale)
+    return jnp.moveaxis(delta, -1, pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consumer rules
+# ----------------------------------------------------------------------------------------------
+
+
+def _contribute(ctx, site: Site) -> Array:
+  out = site.t.adapter.contribute(site)
+  ctx.factored(site.t, site.primitive)
+  return out
+
+
+def rule_dot(ctx, eqn, lhs, rhs, first=None):
+  if isinstance(lhs, View) and isinstance(rhs, View):
+    lhs = ctx.materialize(lhs, "dot_general", "both operands are adapted kernels")
+  site = DotSite(ctx, eqn, lhs, rhs, first)
+  if not site.ok:
+    w = ctx.materialize(site.t, "dot_general", site.why)
+    return bind(eqn, [w if v is site.t else v for v in (lhs, rhs)])
+  return _contribute(ctx, site)
+
+
+def rule_conv(ctx, eqn, x, t):
+  if not isinstance(t, View) or isinstance(x, View):
+    what = x if isinstance(x, View) else t
+    w = ctx.materialize(what, "conv_general_dilated", "the adapted kernel is the conv's input")
+    return bind(eqn, [w if v is what else v for v in (x, t)])
+  site = ConvSite(ctx, eqn, x, t)
+  if site.why:
+    return bind(eqn, [x, ctx.materialize(t, site.primitive, site.why)])
+  if site.merge_cheaper:
+    return bind(eqn, [x, ctx.merged(t, site.primitive, site.merge_cheaper)])
+  return _contribute(ctx, site)
+
+
+def rule_gather(ctx, eqn, t, idx):
+  if isinstance(idx, View) or not isinstance(t, View):
+    what = idx if isinstance(idx, View) else t
+    w = ctx.materialize(what, "gather", "the adapted kernel is used as gather indices")
+    return bind(eqn, [w if v is what else v for v in (t, idx)])
+  site = GatherSite(ctx, eqn, t, idx)
+  if site.why:
+    return bind(eqn, [ctx.materialize(t, "gather", site.why), idx])
+  return _contribute(ctx, site)
+
+
+CONSUMERS = {
+    "dot_general": rule_dot,
+    "conv_general_dilated": rule_conv,
+    "gather": rule_gather,
+}

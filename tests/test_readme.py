@@ -19,6 +19,6 @@ def test_readme_python_blocks_run(capsys):
   assert "'params/layers/mlp/kernel': 'lio'" in out
   assert "trainable" in out
   # The explain() table the README shows is what explain() prints.
-  shown = re.search(r"```\n(path +use\n.*?)```", README.read_text(), flags=re.S).group(1)
+  shown = re.search(r"```\n(path +layout +use\n.*?)```", README.read_text(), flags=re.S).group(1)
   for line in shown.strip().splitlines():
     assert line in out, line

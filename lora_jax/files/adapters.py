@@ -450,6 +450,8 @@ class _Check:
 
   def __call__(self, cond: bool, what: str) -> None:
     if not cond:
+      if not any(w in what for w in ("upgrade", "save", "Save", "import_peft", "load_params")):
+        what += " The file was edited or corrupted: save the adapters again from their source."
       raise fail(self.where, what)
 
 

@@ -1058,6 +1058,29 @@ def test_load_params_like(tmp_path):
     lora_jax.load_params(p, like=ints, check_dtype=False)
 
 
+def test_params_files_are_checksummed(tmp_path):
+  params = _params()
+  p = lora_jax.save_params(tmp_path / "p.safetensors", params, {"note": "x"})
+  tensors, meta, _ = io.read_safetensors(p)
+  assert meta["format"] == "lora_jax.params.v2" and meta["note"] == "x" and len(meta["lora_jax_data_sha256"]) == 64
+  raw = bytearray((tmp_path / "p.safetensors").read_bytes())
+  raw[-3] ^= 0x10  # one bit of the last tensor
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(bytes(raw))
+  with pytest.raises(io.AdapterFileError, match=r"bad.safetensors: the tensors or their table differ from the checksum the file records \(lora_jax_data_sha256\)"):
+    lora_jax.load_params(bad)
+  meta_less = {k: v for k, v in meta.items() if k != "lora_jax_data_sha256"}
+  io.write_safetensors(bad, tensors, meta_less)
+  with pytest.raises(io.AdapterFileError, match=r"bad.safetensors: a lora_jax params file without the checksum of its tensors"):
+    lora_jax.load_params(bad)
+  # files of lora_jax 0.1 and of other tools carry none, and load
+  for m in ({"format": "lora_jax.params", "lora_jax_version": "0.1.0"}, {"format": "pt"}, None):
+    io.write_safetensors(bad, tensors, m)
+    got = lora_jax.load_params(bad, like=params)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(_bits(x), _bits(y))
+
+
 # ----------------------------------------------------------------------------------------------
 # Training state with orbax, and sharded arrays.
 # ----------------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ from lora_jax._paths import leaves_with_paths, tree_from_entries
 from lora_jax.adapters import check_adapters, merge
 from lora_jax.files.adapters import _as_tree, _version
 from lora_jax.files.checks import AdapterFileError, fail, names, short
-from lora_jax.files.safetensors import all_finite, is_float_dtype, read_safetensors, write_safetensors
+from lora_jax.files.atomic import atomic_write
+from lora_jax.files.safetensors import DATA_DIGEST_KEY, all_finite, encode_safetensors, is_float_dtype, read_safetensors
 
 PyTree = Any
-PARAMS_FORMAT = "lora_jax.params"
+PARAMS_FORMAT = "lora_jax.params.v2"  # with a checksum of the tensors (DATA_DIGEST_KEY)
+_UNCHECKED_FORMATS = ("lora_jax.params", "lora_jax.adapters")  # files of lora_jax 0.1, adapter files
 
 
 def _flat_params(params: PyTree) -> dict[str, Any]:
@@ -33,15 +35,25 @@ def _flat_params(params: PyTree) -> dict[str, Any]:
 def save_params(path: str | os.PathLike, params: PyTree, metadata: Mapping[str, str] | None = None) -> str:
   """Saves any pytree of arrays as one safetensors file under flat '/'-joined paths, atomically.
 
+  The metadata records ``format`` = ``lora_jax.params.v2``, the library version, your
+  ``metadata`` (str -> str) and a SHA-256 of the tensors and their table, which
+  :func:`load_params` verifies. The file is written to a temp file (0644 under umask 022) and
+  moved into place: a kill at any moment leaves the old file or the new one.
+
   >>> import tempfile
   >>> p = save_params(tempfile.mkdtemp() + "/p.safetensors", {"w": {"kernel": jnp.ones((2, 2))}})
   >>> load_params(p)["w"]["kernel"].shape
   (2, 2)
   """
   flat = _flat_params(params)
-  meta = {"format": PARAMS_FORMAT, "lora_jax_version": _version(), **dict(metadata or {})}
-  write_safetensors(path, flat, meta)
+  meta = {**dict(metadata or {}), "format": PARAMS_FORMAT, "lora_jax_version": _version()}
+  _write(path, flat, meta)
   return os.fspath(path)
+
+
+def _write(path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+  enc = encode_safetensors(flat, meta, data_digest=True)  # serialised before the file is touched
+  atomic_write(os.fspath(path), enc.write)
 
 
 def _float_dtype(dtype: Any, where: str) -> np.dtype:
@@ -69,7 +81,8 @@ def save_merged(
 
   Each adapted kernel becomes ``W + scale * a @ b``, summed in float32 (or wider) and cast back
   to the kernel's dtype (:func:`lora_jax.merge`); the file holds every leaf of ``params``
-  under its '/'-joined path, readable by :func:`load_params` or any safetensors reader.
+  under its '/'-joined path, readable by :func:`load_params` or any safetensors reader, with a
+  checksum of its tensors as :func:`save_params` writes.
 
   Args:
     path: output file (``.safetensors``), written atomically (nothing is written on error).
@@ -113,7 +126,7 @@ def save_merged(
             "adapter for non-finite values or overflow, or pass safe=False to save anyway."
         )
     out[name] = leaf
-  write_safetensors(path, out, {"format": PARAMS_FORMAT, "lora_jax_version": _version(), "merged": "true"})
+  _write(path, out, {"format": PARAMS_FORMAT, "lora_jax_version": _version(), "merged": "true"})
   return os.fspath(path)
 
 
@@ -152,8 +165,9 @@ def load_params(
     A nested dict of ``jax.Array`` (split on '/'), or a tree shaped like ``like``.
 
   Raises:
-    AdapterFileError: a malformed or non-finite file, or one that does not match ``like``
-      (names the file and the path, expected vs found).
+    AdapterFileError: a malformed, corrupted (its checksum does not match) or non-finite file,
+      or one that does not match ``like`` (names the file and the path, expected vs found).
+      Files of other tools (no lora_jax metadata) and of lora_jax 0.1 carry no checksum.
 
   >>> import tempfile
   >>> p = save_params(tempfile.mkdtemp() + "/p.safetensors", {"w": jnp.ones(2, jnp.bfloat16)})
@@ -161,7 +175,12 @@ def load_params(
   dtype('float32')
   """
   source = os.fspath(path)
-  tensors, _, _ = read_safetensors(path)
+  tensors, meta, _ = read_safetensors(path)  # verifies the checksum a lora_jax params file records
+  fmt = meta.get("format", "")
+  if DATA_DIGEST_KEY not in meta and fmt not in _UNCHECKED_FORMATS and (
+      "lora_jax" in fmt or any(k.startswith("lora_jax") for k in meta)):
+    raise fail(source, f"a lora_jax params file without the checksum of its tensors ({DATA_DIGEST_KEY}): the "
+                       "file was edited or corrupted. Write it again with lora_jax.save_params / save_merged.")
   if check_finite:
     for k, t in tensors.items():
       if not all_finite(t):

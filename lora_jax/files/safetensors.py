@@ -40,6 +40,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+DATA_DIGEST_KEY = "lora_jax_data_sha256"  # __metadata__: SHA-256 of the tensor table and the data
 MAX_NDIM = 32
 MAX_DIM = 2**48
 _CHUNK = 1 << 20  # elements per finiteness check
@@ -167,16 +168,25 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
   return infos, metadata
 
 
+def _table(infos: Mapping[str, Any]) -> bytes:
+  """Canonical bytes of the tensor table (name -> dtype, shape, offsets), for the data checksum."""
+  table = {n: [NAMES[i.dtype], list(i.shape), [i.begin, i.end]] for n, i in sorted(infos.items())}
+  return json.dumps(table, separators=(",", ":"), ensure_ascii=True).encode() + b"\0"
+
+
 def read_safetensors(
     path: str | os.PathLike, *, digest: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str], str | None]:
   """Reads a safetensors file after validating it; ``(tensors, metadata, sha256-or-None)``.
 
   Tensors come back in name order as writable numpy arrays, one allocation each, only after
-  the whole header has been checked against the file size.
+  the whole header has been checked against the file size. A file that records a checksum
+  of its tensors (``lora_jax_data_sha256`` in its metadata, as lora_jax's params files do)
+  is checked against it.
 
   Raises:
-    AdapterFileError: see :func:`read_header`; also a file that changed while being read.
+    AdapterFileError: see :func:`read_header`; also a file that changed while being read, or
+      whose tensors do not match their recorded checksum.
 
   >>> import tempfile, os
   >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -190,15 +200,21 @@ def read_safetensors(
     infos, metadata, start, head = _open_checked(path, f)
     if h is not None:
       h.update(head)
+    recorded = metadata.get(DATA_DIGEST_KEY)
+    d = None if recorded is None else hashlib.sha256(_table(infos))
     out = {}
     for info in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
       buf = bytearray(info.end - info.begin)
       f.seek(start + info.begin)
       if f.readinto(buf) != len(buf):
         raise fail(path, f"tensor {short(info.name)}: file ended early (it changed while being read?).")
-      if h is not None:
-        h.update(buf)
+      for x in (h, d):
+        if x is not None:
+          x.update(buf)
       out[info.name] = np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+  if d is not None and d.hexdigest() != recorded:
+    raise fail(path, f"the tensors or their table differ from the checksum the file records ({DATA_DIGEST_KEY}): "
+                     "the file is corrupted or was edited. Write it again from its source.")
   return {k: out[k] for k in sorted(out)}, metadata, None if h is None else h.hexdigest()
 
 
@@ -230,8 +246,11 @@ class Encoded:
     return h.hexdigest()
 
 
-def encode_safetensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Encoded:
-  """Serialises the header of ``tensors`` (converted to numpy) without writing anything.
+def encode_safetensors(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *, data_digest: bool = False
+) -> Encoded:
+  """Serialises the header of ``tensors`` (converted to numpy) without writing anything;
+  ``data_digest`` records a checksum of the tensors that :func:`read_safetensors` verifies.
 
   Raises:
     TypeError: a bad tensor name, a dtype safetensors cannot hold, metadata not str -> str.
@@ -252,10 +271,17 @@ def encode_safetensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
       raise TypeError("write_safetensors: metadata must map str to str.")
     header["__metadata__"] = dict(metadata)
-  pos = 0
+  pos, infos = 0, {}
   for name, arr in arrays.items():
     header[name] = {"dtype": NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
+    infos[name] = TensorInfo(name, arr.dtype, tuple(arr.shape), pos, pos + arr.nbytes)
     pos += arr.nbytes
+  if data_digest:
+    h = hashlib.sha256(_table(infos))
+    for arr in arrays.values():
+      h.update(arr.reshape(-1).view(np.uint8).data)
+    header.setdefault("__metadata__", {})[DATA_DIGEST_KEY] = h.hexdigest()
+    header = {"__metadata__": header.pop("__metadata__"), **header}
   blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
   blob += b" " * (-len(blob) % 8)
   if len(blob) > MAX_HEADER:

@@ -128,7 +128,7 @@ def _user_errors(tmp, base, ad):
   """(name, argv, what stderr must say) for each refused input; built lazily in the test."""
   out = []
   out.append(("no library_version", ["inspect", _v1_dir(tmp / "a", edit=lambda c: c.pop("library_version"))],
-              r"lora_jax.json: 'library_version' must be a version string, found None"))
+              r"lora_jax.json: the config lacks the fields \['library_version'\]. The file was edited or corrupted: save the adapters again"))
   out.append(("partial spec", ["inspect", _v1_dir(tmp / "b", edit=lambda c: c.update(spec={"targets": ["w"], "rank": 2}))],
               r"lora_jax.json: spec must be null or an object with \['alpha', 'alpha_pattern', 'rank', 'rank_pattern', 'rslora', 'targets'\]"))
   out.append(("400-digit alpha", ["inspect", _v1_dir(tmp / "c", raw=lambda t: t.replace('"alpha": 4.0', '"alpha": 1' + "0" * 400, 1))],

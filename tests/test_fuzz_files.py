@@ -307,6 +307,23 @@ def _same_tree(a, b):
       x.dtype == y.dtype and x.shape == y.shape and np.array_equal(_bits(x), _bits(y)) for x, y in zip(la, lb))
 
 
+def _guard(fn):
+  """A mutation that does not apply to what earlier ones left (e.g. a header that is no longer
+  an object) leaves the bytes as they are."""
+  def run(raw, rng, **kw):
+    try:
+      return fn(raw, rng, **kw)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError, RecursionError):
+      return raw, fn.__name__ + "(skipped)"
+  return run
+
+
+def _edit_json_text(raw, rng):
+  cfg = json.loads(raw)
+  op = "json." + _edit_json(cfg, rng)
+  return json.dumps(cfg, indent=2).encode(), op
+
+
 def _mutate(target, orig, rng):
   n_ops = rng.choice([1, 1, 1, 2, 3])
   ops = []
@@ -315,30 +332,22 @@ def _mutate(target, orig, rng):
     raw = orig["v1_json"] if which == "json" else orig["v1"]
     for _ in range(n_ops):
       if which == "json":
-        if rng.random() < 0.5:
-          raw, op = _byte_op(raw, rng)
-        else:
-          try:
-            cfg = json.loads(raw)
-            op = "json." + _edit_json(cfg, rng)
-            raw = json.dumps(cfg, indent=2).encode()
-          except (ValueError, RecursionError):
-            op = "json(unparsable)"
+        raw, op = _guard(_byte_op if rng.random() < 0.5 else _edit_json_text)(raw, rng)
       else:
-        raw, op = (_byte_op if rng.random() < 0.6 else _header_op)(raw, rng)
+        raw, op = _guard(_byte_op if rng.random() < 0.6 else _header_op)(raw, rng)
       ops.append(op)
     return which, raw, ops
   raw = orig["merged"] if target == "params" else orig["v2"]
   for _ in range(n_ops):
     r = rng.random()
     if target == "adapters2-forged":
-      raw, op = _config_op(raw, rng, forge=True)
+      raw, op = _guard(_config_op)(raw, rng, forge=True)
     elif target == "adapters2" and r < 0.35:
-      raw, op = _config_op(raw, rng, forge=False)
+      raw, op = _guard(_config_op)(raw, rng, forge=False)
     elif r < 0.7:
-      raw, op = _byte_op(raw, rng)
+      raw, op = _guard(_byte_op)(raw, rng)
     else:
-      raw, op = _header_op(raw, rng)
+      raw, op = _guard(_header_op)(raw, rng)
     ops.append(op)
   return None, raw, ops
 

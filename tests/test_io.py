@@ -177,6 +177,11 @@ def test_numpy_scalars_in_spec_save(tmp_path):
   assert (s["rank"], s["alpha"], s["rank_pattern"], s["alpha_pattern"]) == (2, 4.0, {"out": 3}, {"q": 6.0})
   assert type(s["rank_pattern"]["out"]) is int
   _assert_identical(ad, lora_jax.load(tmp_path / "r"))
+  f = LoraFactors(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), scale=jnp.float32(0.5), layout="io")  # a 0-d array scale
+  lora_jax.save(tmp_path / "s", {"w/kernel": f})
+  assert lora_jax.load(tmp_path / "s")["w/kernel"].scale == 0.5
+  with pytest.raises(TypeError, match="'w/kernel': static field scale is a tuple; only str, int, float, bool and None"):
+    lora_jax.save(tmp_path / "s", {"w/kernel": f.replace(scale=(0.5,))})
 
 
 def test_save_errors(tmp_path):
@@ -704,7 +709,8 @@ def _set(*keys, value):
     (_set("adapters", value={}), r"'adapters' must be a non-empty object"),
     (_set("format_version", value=99), "format_version 99 was written by a newer lora_jax .* upgrade lora_jax"),
     (_set("format_version", value=1), "format_version 1 does not match the layout of this save"),
-    (lambda c: c.pop("library_version"), "'library_version' must be a version string, found None"),
+    (lambda c: c.pop("library_version"), r"the config lacks the fields \['library_version'\]"),
+    (lambda c: c.pop("spec"), r"the config lacks the fields \['spec'\]"),
     (_set("library_version", value="v" * 1000), "'library_version' must be a version string"),
     (_set("spec", value={"rank": 2}), r"spec must be null or an object with \['alpha', 'alpha_pattern', 'kind', 'rank', 'rank_pattern', 'rslora', 'targets'\]"),
     (_set("spec", "rank_pattern", value={"(a+)+$": "x"}), r"spec\['rank_pattern'\] must map pattern strings to ranks"),
@@ -746,7 +752,9 @@ def test_hostile_format_1_configs(tmp_path):
   edited(lambda c: out(c).update(layout="oo"), "must be letters from 'l', 'i', 'o'")
   edited(lambda c: c.update(variant="dora"), "variant 'dora' is not supported")
   edited(lambda c: c.update(format_version=99), "format_version 99 was written by a newer lora_jax")
-  edited(lambda c: c.pop("library_version"), "'library_version' must be a version string")
+  edited(lambda c: c.pop("library_version"), r"lora_jax.json: the config lacks the fields \['library_version'\]")
+  edited(lambda c: c.pop("spec"), r"lora_jax.json: the config lacks the fields \['spec'\]")
+  edited(lambda c: c.update(library_version=3), "'library_version' must be a version string, found 3")
   edited(lambda c: c.update(spec={"targets": "x"}), "spec must be null or an object with")
   edited(lambda c: c["base_model"]["kernels"].pop("out/kernel"), "base_model.kernels and adapters name different paths")
   edited(lambda c: c["base_model"]["kernels"].update({"out/kernel": {"shape": [6, 5, 1], "dtype": None}}),

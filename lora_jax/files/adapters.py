@@ -220,6 +220,8 @@ def _shape_problem(roles: Mapping[str, str], layout: str, kernel_shape: tuple[in
 
 
 def _static_value(name: str, field: str, value: Any) -> Any:
+  if hasattr(value, "dtype") and np.shape(value) == ():  # a 0-d array: its Python scalar
+    value = np.asarray(value).item()
   if value is None or isinstance(value, (str, bool)):
     return value
   if isinstance(value, (int, np.integer)):
@@ -491,6 +493,8 @@ def _check_spec(need: _Check, spec: Any, keys: set[str]) -> None:
 
 def _check_common(need: _Check, cfg: dict[str, Any], version: int) -> None:
   need(cfg.get("format") == FORMAT, f"'format' is {short(cfg.get('format'))}, expected {FORMAT!r}; not a lora_jax adapter config.")
+  missing = sorted(_TOP_KEYS - set(cfg))
+  need(not missing, f"the config lacks the fields {missing}.")
   v = cfg.get("format_version")
   need(is_int(v), f"'format_version' must be an integer, found {short(v)}.")
   need(v <= FORMAT_VERSION, f"format_version {v} was written by a newer lora_jax than this one ({_version()}, reads <= {FORMAT_VERSION}); upgrade lora_jax.")

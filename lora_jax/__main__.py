@@ -203,18 +203,20 @@ def _write(flag: str, out: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def cmd_merge(args: argparse.Namespace) -> str:
   from lora_jax import io
+  from lora_jax.files import flatten_adapters as files_flatten
 
   _writable("--out", args.out, "file")
   dtype = _dtype_arg(args.dtype)
   params = io.load_params(args.base)
   adapters = _read_adapters(args.adapters, params, args.name_map)
   _write("--out", args.out, io.save_merged, args.out, params, adapters, dtype=dtype, safe=not args.unsafe)
-  n = len(io.flatten_adapters(adapters))
+  n = len(files_flatten(adapters))
   return f"merged {n} adapted kernels into {args.out}"
 
 
 def cmd_convert(args: argparse.Namespace) -> str:
   from lora_jax import io
+  from lora_jax.files import flatten_adapters as files_flatten
   from lora_jax.interop import export_peft
 
   if args.to == "peft":
@@ -237,7 +239,7 @@ def cmd_convert(args: argparse.Namespace) -> str:
   adapters = _read_adapters(args.src, shapes, args.name_map)
   _write("OUT", args.out, io.save, args.out, adapters, params=shapes,
          metadata={"converted_from": "peft", "source": os.path.abspath(args.src)})
-  return f"wrote lora_jax adapters ({len(io.flatten_adapters(adapters))} adapted kernels) to {args.out}"
+  return f"wrote lora_jax adapters ({len(files_flatten(adapters))} adapted kernels) to {args.out}"
 
 
 def build_parser() -> argparse.ArgumentParser:

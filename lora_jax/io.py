@@ -5,7 +5,7 @@ format-1 saves (``adapters.safetensors`` + ``lora_jax.json``) still load. Every 
 validated before anything large is allocated; pickles are never opened; problems with a
 file's contents raise :class:`AdapterFileError` (a ``ValueError``) naming the file and field.
 
->>> import tempfile, jax.numpy as jnp
+>>> import tempfile
 >>> from lora_jax.io import load, save
 >>> from lora_jax.kinds import LoraFactors
 >>> f = LoraFactors(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), scale=2.0, layout="io")
@@ -19,7 +19,11 @@ file's contents raise :class:`AdapterFileError` (a ``ValueError``) naming the fi
 from __future__ import annotations
 
 import os  # noqa: F401 - tests patch io.os; also used by the doctest
+from typing import Any
 
+import jax.numpy as jnp  # noqa: F401 - used by the doctests
+
+from lora_jax.files.adapters import flatten_adapters as _flatten
 from lora_jax.files.adapters import (
     ADAPTERS_FILE,
     CONFIG_FILE,
@@ -32,7 +36,6 @@ from lora_jax.files.adapters import (
     _files,
     _version,
     adapters_to_tree,
-    flatten_adapters,
     load,
     load_config,
     save,
@@ -49,6 +52,20 @@ from lora_jax.files.safetensors import NAMES as _NAMES
 from lora_jax.files.safetensors import TensorInfo, read_header, read_safetensors, write_safetensors
 from lora_jax.files.safetensors import is_float_dtype as _is_float
 from lora_jax.files.safetensors import to_numpy as _to_numpy
+from lora_jax.kinds import LoraFactors
+
+
+def flatten_adapters(adapters: Any) -> dict[str, LoraFactors]:
+  """``{path: LoraFactors}`` for a tree of plain-LoRA adapters: this module's historical
+  contract, which code that handles only plain LoRA (PEFT export) relies on; another adapter
+  kind is a TypeError. :func:`lora_jax.files.flatten_adapters` takes every kind.
+
+  >>> f = LoraFactors(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), scale=1.0, layout="io")
+  >>> list(flatten_adapters({"dense": {"kernel": f, "bias": None}}))
+  ['dense/kernel']
+  """
+  return _flatten(adapters, only=LoraFactors)
+
 
 __all__ = [
     "AdapterFileError",

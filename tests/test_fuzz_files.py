@@ -55,7 +55,7 @@ def _originals(d):
   v2 = lora_jax.save(d / "v2", ad, spec, {"step": 9, "run": "fuzz"}, params=params)
   from test_io import _save_v1
 
-  v1 = _save_v1(d / "v1", io.flatten_adapters(ad), spec=spec, metadata={"step": 9})
+  v1 = _save_v1(d / "v1", files_adapters.flatten_adapters(ad), spec=spec, metadata={"step": 9})
   merged = lora_jax.save_merged(d / "merged.safetensors", params, ad)
   return {
       "params": params,
@@ -288,7 +288,7 @@ def _bits(x):
 
 
 def _same_adapters(a, b):
-  fa, fb = io.flatten_adapters(a), io.flatten_adapters(b)
+  fa, fb = files_adapters.flatten_adapters(a), files_adapters.flatten_adapters(b)
   if list(fa) != list(fb):
     return False
   for k in fa:

@@ -58,7 +58,7 @@ def _bits(x):
 
 
 def _assert_identical(a, b):
-  fa, fb = io.flatten_adapters(a), io.flatten_adapters(b)
+  fa, fb = files_adapters.flatten_adapters(a), files_adapters.flatten_adapters(b)
   assert list(fa) == list(fb)
   for k in fa:
     assert type(fa[k]) is type(fb[k]) and fa[k].static() == fb[k].static(), k
@@ -327,7 +327,7 @@ def test_a_crash_at_each_step_leaves_old_or_new(tmp_path, monkeypatch, old_forma
     if old_format == 2:
       lora_jax.save(target, old)
     else:
-      _save_v1(target, io.flatten_adapters(old))
+      _save_v1(target, files_adapters.flatten_adapters(old))
     (target / f".{io.ADAPTERS_FILE}.{atomic._HOST}.999999999.0123abcd.tmp").write_bytes(b"x")  # a killed save's
     with monkeypatch.context() as m:
       calls = _inject(m, _OS_STEPS, at=k)
@@ -337,7 +337,7 @@ def test_a_crash_at_each_step_leaves_old_or_new(tmp_path, monkeypatch, old_forma
       except _Crash as e:
         crashed = str(e)
     got = lora_jax.load(target)
-    is_new = all(np.array_equal(_bits(got[p].a), _bits(f.a)) for p, f in io.flatten_adapters(new).items())
+    is_new = all(np.array_equal(_bits(got[p].a), _bits(f.a)) for p, f in files_adapters.flatten_adapters(new).items())
     _assert_identical(new if is_new else old, got)
     outcomes.append((crashed, "new" if is_new else "old"))
     # the failed save cleaned up after itself: at most the files of a save (and the old temp) remain
@@ -533,9 +533,9 @@ def _save_v1(path, flat, *, spec=None, kernel_dtypes=None, metadata=None, rslora
 def test_format_1_still_loads(tmp_path, form):
   params = _params()
   ad = _adapters(params)
-  kd = {p: "float32" for p in io.flatten_adapters(ad)}
+  kd = {p: "float32" for p in files_adapters.flatten_adapters(ad)}
   path = tmp_path / ("run" if form == "dir" else "s.safetensors")
-  _save_v1(path, io.flatten_adapters(ad), spec=SPEC, kernel_dtypes=kd, metadata={"step": 1})
+  _save_v1(path, files_adapters.flatten_adapters(ad), spec=SPEC, kernel_dtypes=kd, metadata={"step": 1})
   _assert_identical(ad, lora_jax.load(path, params))
   if form == "pair":
     _assert_identical(ad, lora_jax.load(tmp_path / "s.json"))
@@ -558,7 +558,7 @@ def test_format_1_still_loads(tmp_path, form):
 
 def test_format_1_edge_cases(tmp_path):
   params = _params()
-  ad = io.flatten_adapters(_adapters(params))
+  ad = files_adapters.flatten_adapters(_adapters(params))
   _save_v1(tmp_path / "r", ad)
   os.unlink(tmp_path / "r" / io.ADAPTERS_FILE)
   with pytest.raises(FileNotFoundError, match="the tensor file named by .* is missing"):
@@ -593,8 +593,8 @@ def test_format_1_writer_matches_the_old_code(tmp_path):
   params = _params()
   ad = _adapters(params)
   old_io.save(tmp_path / "old", ad, SPEC, {"step": 4}, params=params)
-  kd = {p: "float32" for p in io.flatten_adapters(ad)}
-  _save_v1(tmp_path / "mine", io.flatten_adapters(ad), spec=SPEC, kernel_dtypes=kd, metadata={"step": 4})
+  kd = {p: "float32" for p in files_adapters.flatten_adapters(ad)}
+  _save_v1(tmp_path / "mine", files_adapters.flatten_adapters(ad), spec=SPEC, kernel_dtypes=kd, metadata={"step": 4})
   for name in (io.ADAPTERS_FILE, io.CONFIG_FILE):
     assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "mine" / name).read_bytes(), name
   _assert_identical(ad, lora_jax.load(tmp_path / "old", params))
@@ -726,7 +726,7 @@ def test_hostile_configs_are_clear_errors(tmp_path, fn, match):
 
 def test_hostile_format_1_configs(tmp_path):
   params = _params()
-  ad = io.flatten_adapters(_adapters(params))
+  ad = files_adapters.flatten_adapters(_adapters(params))
   _save_v1(tmp_path / "r", ad)
   cfg_path = tmp_path / "r" / io.CONFIG_FILE
   good = cfg_path.read_text()
@@ -826,6 +826,9 @@ def test_a_new_kind_round_trips(tmp_path):
   assert e["kind"] == "test_gain" and sorted(e["tensors"]) == ["a", "b", "g"] and e["tensors"]["g"]["shape"] == [2, 4]
   assert (e["rank"], e["alpha"], e["static"]) == (3, 0.75, {"scale": 0.25, "layout": "lio"})
   np.testing.assert_array_equal(lora_jax.merge(params, ad)["q"]["kernel"], lora_jax.merge(params, back)["q"]["kernel"])
+  # code that handles plain LoRA only (PEFT export) gets a clear refusal, not a silent a/b
+  with pytest.raises(TypeError, match=r"adapters\['q/kernel'\] is a _Gain \(kind 'test_gain'\); only LoraFactors adapters are handled here"):
+    io.flatten_adapters(ad)
   # the file says which leaves the kind has: a missing leaf or a kind this lora_jax lacks is named
   _edit_config(tmp_path / "r", lambda c: c["adapters"]["q/kernel"]["tensors"].pop("g"), forge=True)
   with pytest.raises(io.AdapterFileError, match=r"adapters\['q/kernel'\]\['tensors'\] must name the leaves \['a', 'b', 'g'\] of kind 'test_gain'"):

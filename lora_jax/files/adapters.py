@@ -95,8 +95,10 @@ def _version() -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def flatten_adapters(adapters: PyTree) -> dict[str, Adapter]:
+def flatten_adapters(adapters: PyTree, *, only: type | None = None) -> dict[str, Adapter]:
   """``{path: adapter}`` for a tree of adapters (or an already-flat dict), in tree order.
+
+  ``only``: refuse (TypeError) adapters of other kinds, for code that handles one kind.
 
   >>> from lora_jax.kinds import LoraFactors
   >>> f = LoraFactors(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), scale=1.0, layout="io")
@@ -114,6 +116,11 @@ def flatten_adapters(adapters: PyTree) -> dict[str, Adapter]:
           f"adapters[{name!r}] is a {type(x).__name__}, expected an adapter (LoraFactors, or another "
           "lora_jax.kinds.Adapter) or None. Build adapters with lora_jax.init(rng, params, spec) or "
           "lora_jax.load(path)."
+      )
+    if only is not None and not isinstance(x, only):
+      raise TypeError(
+          f"adapters[{name!r}] is a {type(x).__name__} (kind {x.KIND!r}); only {only.__name__} adapters are "
+          "handled here. Merge it into the base (lora_jax.merge) or save it with lora_jax.save."
       )
     if name in out:
       raise ValueError(f"two adapters share the path {name!r}; '/' inside a dict key makes paths ambiguous.")

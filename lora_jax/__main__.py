@@ -6,7 +6,9 @@
   convert --to peft SRC OUT --name-map llama|bert
   convert --to lora_jax SRC OUT --name-map llama|bert --base B.safetensors
 
-Exit status: 0 on success, 2 on a usage error, 1 when a file is refused (the message says why).
+Exit status: 0 on success; 2 when the arguments or a file are refused (a malformed, hostile or
+missing input, an output that cannot be written): one line on stderr names the problem. An
+unexpected internal error still shows its traceback (and exits 1).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import sys
 import warnings
 from typing import Any, Sequence
 
+
+class UsageError(ValueError):
+  """A command line that cannot be carried out as given; the message says why and what to do."""
 
 
 def _fmt_bytes(n: float) -> str:
@@ -35,6 +40,18 @@ def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _c(x: Any, n: int = 120) -> str:
+  """A string from a file, safe to print: control characters escaped, cut to ``n`` characters."""
+  s = str(x)
+  if not s.isprintable():
+    s = repr(s)[1:-1]
+  return s if len(s) <= n else s[:n] + f"...({len(s)} chars)"
+
+
+def _num(x: Any) -> str:
+  return "-" if x is None else f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else _c(x)
+
+
 def _is_peft_dir(path: str) -> bool:
   from lora_jax.interop import PEFT_CONFIG
 
@@ -47,25 +64,29 @@ def _inspect_lora_jax(path: str) -> str:
   cfg = io.load_config(path)
   flat = io.load(path)  # validates the tensors too
   rows, total, nbytes = [], 0, 0
-  for name, f in flat.items():
-    e = cfg["adapters"][name]
-    n = int(f.a.size + f.b.size)
+  for name, e in cfg["adapters"].items():
+    leaves = flat[name].leaves()
+    n = sum(int(x.size) for x in leaves.values())
     total += n
-    nbytes += f.a.nbytes + f.b.nbytes
-    shape = tuple(cfg["base_model"]["kernels"][name]["shape"])
-    rows.append((name, shape, f.layout, f.rank, e["alpha"], f"{f.scale:g}", f"{n:,}"))
+    nbytes += sum(int(x.nbytes) for x in leaves.values())
+    static = e["static"]
+    rows.append((_c(name), _c(e["kind"]), tuple(e["kernel"]["shape"]), static["layout"], e.get("rank", "-"),
+                 _num(e.get("alpha")), _num(static.get("scale")), "+".join(sorted(leaves)), f"{n:,}"))
   lines = [
-      f"lora_jax adapters: {path}",
-      f"  format {cfg['format_version']}, written by lora_jax {cfg['library_version']}, "
-      f"variant {cfg['variant']}, rslora={cfg['rslora']}, base fingerprint {cfg['base_model']['fingerprint']}",
+      f"lora_jax adapters: {_c(path, 400)}",
+      f"  format {cfg['format_version']}, written by lora_jax {_c(cfg['library_version'])}, "
+      f"rslora={cfg['rslora']}, base fingerprint {_c(cfg['base_model']['fingerprint'])}",
   ]
   if cfg.get("spec"):
     s = cfg["spec"]
-    lines.append(f"  spec: targets={s['targets']!r} r={s['rank']} alpha={s['alpha']} rank_pattern={s['rank_pattern']} alpha_pattern={s['alpha_pattern']}")
-  lines.append(_table(("path", "kernel", "layout", "rank", "alpha", "scale", "params"), rows))
+    lines.append(
+        f"  spec: targets={_c(repr(s['targets']), 400)} r={s['rank']} alpha={_num(s['alpha'])} "
+        f"rank_pattern={_c(s['rank_pattern'], 400)} alpha_pattern={_c(s['alpha_pattern'], 400)}"
+    )
+  lines.append(_table(("path", "kind", "kernel", "layout", "rank", "alpha", "scale", "leaves", "params"), rows))
   lines.append(f"total: {total:,} adapter parameters ({_fmt_bytes(nbytes)}) in {len(rows)} adapted kernels")
   if cfg.get("metadata"):
-    lines.append(f"metadata: {json.dumps(cfg['metadata'])}")
+    lines.append(f"metadata: {_c(json.dumps(cfg['metadata']), 2000)}")
   return "\n".join(lines)
 
 
@@ -78,28 +99,25 @@ def _inspect_peft(path: str) -> str:
     n = int(m.A.size + m.B.size)
     total += n
     nbytes += m.A.nbytes + m.B.nbytes
-    rows.append((m.name, "Embedding" if m.embedding else "Linear", tuple(m.A.shape), tuple(m.B.shape), m.r, f"{m.alpha:g}", f"{m.scale:g}", f"{n:,}"))
+    rows.append((_c(m.name), "Embedding" if m.embedding else "Linear", tuple(m.A.shape), tuple(m.B.shape), m.r, _num(m.alpha), _num(m.scale), f"{n:,}"))
   c = ad.config
   lines = [
-      f"PEFT LoRA adapter: {path}",
-      f"  base_model_name_or_path={c.get('base_model_name_or_path')!r} task_type={c.get('task_type')!r} "
-      f"r={c.get('r')} lora_alpha={c.get('lora_alpha')} use_rslora={c.get('use_rslora', False)}",
+      f"PEFT LoRA adapter: {_c(path, 400)}",
+      f"  base_model_name_or_path={_c(repr(c.get('base_model_name_or_path')))} task_type={_c(repr(c.get('task_type')))} "
+      f"r={_c(c.get('r'))} lora_alpha={_c(c.get('lora_alpha'))} use_rslora={_c(c.get('use_rslora', False))}",
       _table(("module", "kind", "lora_A", "lora_B", "rank", "alpha", "scale", "params"), rows),
       f"total: {total:,} adapter parameters ({_fmt_bytes(nbytes)}) in {len(rows)} modules",
   ]
   if ad.ignored:
-    lines.append(f"ignored (not LoRA factors): {list(ad.ignored)}")
+    lines.append(f"ignored (not LoRA factors): {_c(list(ad.ignored), 2000)}")
   return "\n".join(lines)
 
 
-def _inspect_safetensors(path: str) -> str:
-  from lora_jax.io import read_header
-
-  infos, metadata = read_header(path)
-  rows = [(i.name, i.shape, i.dtype.name, f"{math.prod(i.shape):,}") for i in sorted(infos.values(), key=lambda i: i.name)]
+def _inspect_safetensors(path: str, infos: Any, metadata: Any) -> str:
+  rows = [(_c(i.name), i.shape, i.dtype.name, f"{math.prod(i.shape):,}") for i in sorted(infos.values(), key=lambda i: i.name)]
   total = sum(math.prod(i.shape) for i in infos.values())
   nbytes = sum(i.end - i.begin for i in infos.values())
-  lines = [f"safetensors: {path}", f"  metadata: {json.dumps(metadata)}", _table(("tensor", "shape", "dtype", "params"), rows)]
+  lines = [f"safetensors: {_c(path, 400)}", f"  metadata: {_c(json.dumps(metadata), 2000)}", _table(("tensor", "shape", "dtype", "params"), rows)]
   lines.append(f"total: {total:,} parameters ({_fmt_bytes(nbytes)}) in {len(rows)} tensors")
   return "\n".join(lines)
 
@@ -110,15 +128,21 @@ def cmd_inspect(args: argparse.Namespace) -> str:
   path = args.path
   if _is_peft_dir(path):
     return _inspect_peft(path)
-  tensor_path, config_path = io._files(path)
-  if os.path.exists(config_path):
+  if os.path.isdir(path):
+    if any(os.path.lexists(os.path.join(path, n)) for n in (io.ADAPTERS_FILE, io.CONFIG_FILE)):
+      return _inspect_lora_jax(path)
+    raise UsageError(
+        f"{path}: not a lora_jax adapter directory (no {io.ADAPTERS_FILE}) and not a PEFT directory "
+        "(no adapter_config.json)."
+    )
+  if not os.path.lexists(path):
+    raise UsageError(f"{path}: no such file or directory.")
+  if path.endswith(".json"):
     return _inspect_lora_jax(path)
-  if os.path.isfile(path):
-    return _inspect_safetensors(path)
-  raise FileNotFoundError(
-      f"{path}: not a lora_jax adapter directory (no {io.CONFIG_FILE}), not a PEFT directory "
-      "(no adapter_config.json), and not a file."
-  )
+  infos, metadata = io.read_header(path)
+  if io.CONFIG_KEY in metadata:
+    return _inspect_lora_jax(path)
+  return _inspect_safetensors(path, infos, metadata)
 
 
 def _base_shapes(path: str) -> dict[str, Any]:
@@ -137,46 +161,85 @@ def _read_adapters(path: str, params: Any, name_map: str | None) -> Any:
 
   if _is_peft_dir(path):
     if not name_map:
-      raise SystemExit(f"lora-jax: {path} is a PEFT directory; pass --name-map llama|bert to locate its modules.")
+      raise UsageError(f"{path} is a PEFT directory; pass --name-map llama|bert to locate its modules.")
     return import_peft(path, params, name_map)
   return io.load(path, params, check_dtype=False)
 
 
-def cmd_merge(args: argparse.Namespace) -> str:
+def _dtype_arg(name: str | None) -> Any:
   import jax.numpy as jnp
 
-  from lora_jax import io
+  if not name:
+    return None
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError:
+    raise UsageError(f"--dtype {name!r} is not a dtype; use bfloat16, float16 or float32.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise UsageError(f"--dtype {name}: not a floating-point dtype; merged weights would be truncated. Use bfloat16, float16 or float32.")
+  return dtype
 
+
+def _writable(flag: str, out: str, what: str) -> None:
+  if os.path.isdir(out) and what == "file":
+    raise UsageError(f"{flag} {out} is a directory; name the file to write, e.g. {os.path.join(out, 'merged.safetensors')}.")
+  if os.path.lexists(out) and not os.path.isdir(out) and what == "directory":
+    raise UsageError(f"{flag} {out} exists and is not a directory; name a new or existing directory.")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag} {out}: {parent} is not a directory.")
+  if not os.access(parent, os.W_OK):
+    raise UsageError(f"{flag} {out}: cannot write in {parent} (permission denied).")
+
+
+def _write(flag: str, out: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+  try:
+    return fn(*args, **kwargs)
+  except OSError as e:
+    raise UsageError(f"{flag} {out}: cannot write it ({e.strerror or e}).") from None
+
+
+def cmd_merge(args: argparse.Namespace) -> str:
+  from lora_jax import io
+  from lora_jax.files import flatten_adapters as files_flatten
+
+  _writable("--out", args.out, "file")
+  dtype = _dtype_arg(args.dtype)
   params = io.load_params(args.base)
   adapters = _read_adapters(args.adapters, params, args.name_map)
-  dtype = jnp.dtype(args.dtype) if args.dtype else None
-  io.save_merged(args.out, params, adapters, dtype=dtype, safe=not args.unsafe)
-  n = len(io.flatten_adapters(adapters))
+  _write("--out", args.out, io.save_merged, args.out, params, adapters, dtype=dtype, safe=not args.unsafe)
+  n = len(files_flatten(adapters))
   return f"merged {n} adapted kernels into {args.out}"
 
 
 def cmd_convert(args: argparse.Namespace) -> str:
   from lora_jax import io
+  from lora_jax.files import flatten_adapters as files_flatten
   from lora_jax.interop import export_peft
 
   if args.to == "peft":
     if _is_peft_dir(args.src):
-      raise SystemExit(f"lora-jax: {args.src} is already a PEFT directory.")
+      raise UsageError(f"{args.src} is already a PEFT directory.")
+    _writable("OUT", args.out, "directory")
     flat = io.load(args.src)
-    export_peft(
+    _write("OUT", args.out, export_peft,
         args.out, flat, args.name_map, base_model_name_or_path=args.base_model,
         task_type=None if args.task_type in (None, "none", "None") else args.task_type,
         rslora=io.load_config(args.src)["rslora"],
     )
     return f"wrote PEFT adapter ({len(flat)} adapted kernels) to {args.out}"
   if not _is_peft_dir(args.src):
-    raise SystemExit(f"lora-jax: {args.src} is not a PEFT directory (no adapter_config.json).")
+    raise UsageError(f"{args.src} is not a PEFT directory (no adapter_config.json).")
   if not args.base:
-    raise SystemExit("lora-jax: convert --to lora_jax needs --base BASE.safetensors (flat-path params) for the kernel shapes.")
+    raise UsageError("convert --to lora_jax needs --base BASE.safetensors (flat-path params) for the kernel shapes.")
+  _writable("OUT", args.out, "directory" if not args.out.endswith(".safetensors") else "file")
   shapes = _base_shapes(args.base)
   adapters = _read_adapters(args.src, shapes, args.name_map)
-  io.save(args.out, adapters, params=shapes, metadata={"converted_from": "peft", "source": os.path.abspath(args.src)})
-  return f"wrote lora_jax adapters ({len(io.flatten_adapters(adapters))} adapted kernels) to {args.out}"
+  _write("OUT", args.out, io.save, args.out, adapters, params=shapes,
+         metadata={"converted_from": "peft", "source": os.path.abspath(args.src)})
+  return f"wrote lora_jax adapters ({len(files_flatten(adapters))} adapted kernels) to {args.out}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,22 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename is not None:
+    text = f"{e.filename}: {e.strerror or e}"
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the CLI; returns the exit status.
+  """Runs the CLI; returns the exit status (2: refused, with one line on stderr saying why).
 
   >>> main(["inspect", "/nonexistent"])
-  1
+  2
   """
-  from lora_jax.io import AdapterFileError
-
   args = build_parser().parse_args(argv)
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", UserWarning)
       out = args.func(args)
-  except (AdapterFileError, FileNotFoundError, ValueError, TypeError) as e:
-    print(f"lora-jax {args.command}: {e}", file=sys.stderr)
-    return 1
+  except (ValueError, TypeError, OSError) as e:  # refused input or output: AdapterFileError is a ValueError
+    print(f"lora-jax {args.command}: {_one_line(e)}", file=sys.stderr)
+    return 2
   for w in caught:
     print(f"{w.category.__name__}: {w.message}", file=sys.stderr)
   print(out)

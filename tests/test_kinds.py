@@ -28,7 +28,7 @@ from lora_jax.kinds import Adapter, LoraFactors, factor_shapes, kernel_delta, re
 class GainLora(Adapter):
   """Test-only kind: ``W + scale * (a @ b) * g`` with a trainable per-fan-out gain ``g``."""
 
-  KIND = "test_gain"
+  KIND = "test_gain_lora"
   ROLES = {"a": "lir", "b": "lro", "g": "lo"}
   TRAINABLE = frozenset({"a", "b", "g"})
   LORA_PLUS_FAST = frozenset({"b"})
@@ -167,6 +167,17 @@ def test_a_second_kind_trains_through_wrap_with_its_extra_leaf():
     upd, state = opt.update(gr, state, ad)
     ad = optax.apply_updates(ad, upd)
   assert float(l) < float(first)
+
+
+def test_a_second_kind_saves_and_loads_bit_exactly(tmp_path):
+  v = Stack().init(jax.random.key(0), X)
+  ad = _gain_adapters(v)
+  lora_jax.save(str(tmp_path / "run"), ad, params=v)
+  back = lora_jax.load(str(tmp_path / "run"), v)
+  assert jax.tree.structure(back) == jax.tree.structure(ad)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert isinstance(back["params"]["q"]["kernel"], GainLora)
 
 
 def test_a_second_kind_takes_shardings_from_its_roles():

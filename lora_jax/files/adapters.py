@@ -62,7 +62,7 @@ from lora_jax.files.safetensors import (
     to_numpy,
 )
 from lora_jax.kinds import Adapter, is_adapter, kernel_labels, kind_named, leaf_labels
-from lora_jax.kinds.base import _REGISTRY
+from lora_jax.kinds import registered_kinds
 from lora_jax.kinds.lora import factor_shapes
 from lora_jax.spec import LoraSpec
 
@@ -535,7 +535,7 @@ def _check_entry(need: _Check, name: str, e: Any, rslora: bool) -> None:
   need(_is_str(kind, MAX_SHORT), f"{w}['kind'] must be a kind name, found {short(kind)}.")
   cls = kind_named(kind)
   need(cls is not None,
-       f"{w}: adapter kind {kind!r} is not registered in this lora_jax (known: {sorted(_REGISTRY)}); it was saved "
+       f"{w}: adapter kind {kind!r} is not registered in this lora_jax (known: {sorted(registered_kinds())}); it was saved "
        "by a newer lora_jax or with a kind from another package: upgrade lora_jax, or import the module that registers it.")
   want_static = sorted(f.name for f in dataclasses.fields(cls) if f.name not in cls.ROLES)
   static = e["static"]

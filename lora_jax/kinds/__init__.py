@@ -10,6 +10,7 @@ from lora_jax.kinds.base import (
     layout_counts,
     leaf_labels,
     register_kind,
+    registered_kinds,
 )
 from lora_jax.kinds.lora import LoraFactors, factor_shapes, kernel_delta, kernel_shape
 
@@ -27,4 +28,5 @@ __all__ = [
     "leaf_labels",
     "LoraFactors",
     "register_kind",
+    "registered_kinds",
 ]

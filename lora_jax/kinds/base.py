@@ -206,6 +206,11 @@ def kind_named(name: str) -> type[Adapter] | None:
   return _REGISTRY.get(name)
 
 
+def registered_kinds() -> dict[str, type[Adapter]]:
+  """Every registered kind by name (``{"lora": LoraFactors, ...}``)."""
+  return dict(_REGISTRY)
+
+
 def is_adapter(x: Any) -> bool:
   return isinstance(x, Adapter)
 

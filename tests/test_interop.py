@@ -40,7 +40,7 @@ def _assert_same(a, b):
   fa, fb = io.flatten_adapters(a), io.flatten_adapters(b)
   assert list(fa) == list(fb)
   for k in fa:
-    assert (fa[k].scale, fa[k].layout) == (fb[k].scale, fb[k].layout), k
+    assert (fa[k].scale, fa[k].layout, fa[k].rslora) == (fb[k].scale, fb[k].layout, fb[k].rslora), k
     np.testing.assert_array_equal(fa[k].a, fb[k].a)
     np.testing.assert_array_equal(fa[k].b, fb[k].b)
 
@@ -103,7 +103,8 @@ def test_jax_to_peft_patterns_rslora_embeddings_unscanned(tmp_path, tiny_llama):
   assert_far(want, _torch_logits(torch_model), RTOL)
   export_peft(tmp_path, adapters, LLAMA)  # rsLoRA comes from the adapters themselves
   cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-  assert cfg["use_rslora"] and cfg["r"] == 4
+  # The spec's own numbers: use_rslora from the adapters (LoraFactors.rslora), integer alphas.
+  assert (cfg["use_rslora"], cfg["r"], cfg["lora_alpha"]) == (True, 4, 8) and isinstance(cfg["lora_alpha"], int)
   assert cfg["rank_pattern"]["model\\.layers\\.0\\.self_attn\\.q_proj"] == 2
   assert cfg["alpha_pattern"]["model\\.layers\\.1\\.self_attn\\.v_proj"] == 3
   keys = read_peft(tmp_path).modules
@@ -111,7 +112,9 @@ def test_jax_to_peft_patterns_rslora_embeddings_unscanned(tmp_path, tiny_llama):
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
   assert_close(_torch_logits(peft_model), want, RTOL)
   assert_close(_torch_logits(peft_model.merge_and_unload()), want, RTOL)
-  _assert_same(import_peft(tmp_path, params, "llama"), adapters)
+  back = import_peft(tmp_path, params, "llama")
+  _assert_same(back, adapters)
+  assert all(f.rslora for f in io.flatten_adapters(back).values())  # kept, so re-exporting writes the same
 
 
 @pytest.mark.interop
@@ -336,3 +339,129 @@ def test_real_dora_dir_refused(tmp_path, tiny_llama):
   peft.get_peft_model(copy.deepcopy(torch_model), config).save_pretrained(tmp_path)
   with pytest.raises(io.AdapterFileError, match="DoRA \\(use_dora=true\\) is not supported by lora_jax; merge it in PEFT"):
     import_peft(tmp_path, models[True][2], "llama")
+
+
+@pytest.mark.interop
+@interop
+def test_real_bdlora_dir_refused_by_name(tmp_path, tiny_llama):
+  torch_model, models = tiny_llama
+  config = peft.LoraConfig(r=4, target_modules=["q_proj"], use_bdlora=peft.BdLoraConfig(target_modules_bd_a=["q_proj"], nblocks=2))
+  peft.get_peft_model(copy.deepcopy(torch_model), config).save_pretrained(tmp_path)
+  with pytest.raises(io.AdapterFileError, match=r"adapter_config.json: BD-LoRA, block-diagonal lora_A/lora_B factors \(use_bdlora\) is not supported by lora_jax"):
+    import_peft(tmp_path, models[True][2], "llama")
+
+
+def _one_module_dir(tmp_path, name="model.layers.0.self_attn.q_proj", rank=2, **config):
+  """A PEFT dir with one Linear module of rank ``rank``; ``config`` edits the config (r = rank)."""
+  d = _peft_dir(tmp_path, **{"r": rank, **config})
+  rng = np.random.default_rng(0)
+  io.write_safetensors(d / "adapter_model.safetensors", {
+      f"base_model.model.{name}.lora_A.weight": rng.standard_normal((rank, 64)).astype(np.float32),
+      f"base_model.model.{name}.lora_B.weight": rng.standard_normal((64, rank)).astype(np.float32),
+  }, {"format": "pt"})
+  return d
+
+
+def test_hostile_configs_refused_by_name(tmp_path):
+  cases = [
+      (dict(lora_alpha=10**400), r"lora_alpha must be a finite number within float range, found 1000000"),
+      (dict(lora_alpha=1e308 * 10), r"not valid JSON|lora_alpha must be a finite number"),
+      (dict(r=True), r"r must be a positive integer, found True"),
+      (dict(r=2**40), r"r must be a positive integer, found 1099511627776"),
+      (dict(alpha_pattern={"q_proj": 10**400}), r"alpha_pattern\['q_proj'\] must be one of finite numbers"),
+      (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be one of positive integers, found 0"),
+      (dict(rank_pattern=[1]), r"rank_pattern must map regexes to positive integers, found a list"),
+      (dict(rank_pattern={"(" * 5000: 2}), r"rank_pattern key '\(\(\(.*\.\.\. is refused: longer than 1000 characters \(5000\)"),
+      (dict(rank_pattern={"(" * 40 + ")" * 40: 2}), r"rank_pattern key .* is refused: groups nested deeper than 32 levels"),
+      (dict(alpha_pattern={"(q)\\1": 2}), r"alpha_pattern key '\(q\)\\\\1' is refused: an unsupported escape '\\1' \(backreference"),
+      (dict(alpha_pattern={"(?i)Q_PROJ": 2}), r"alpha_pattern key '\(\?i\)Q_PROJ' is refused: an extension group"),
+      (dict(target_modules="(a"), r"target_modules regex '\(a' is refused: a missing '\)'"),
+      (dict(target_modules=3), r"target_modules must be a regex string or a list of module names, found 3"),
+      (dict(use_rslora="yes"), r"use_rslora must be true or false, found 'yes'"),
+      (dict(bias="some"), r"bias must be 'none', 'all' or 'lora_only', found 'some'"),
+      (dict(use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2}), r"BD-LoRA, block-diagonal lora_A/lora_B factors \(use_bdlora\) is not supported"),
+      (dict(kasa_config={}), None),  # an empty sub-config switches nothing on
+      (dict(kasa_config={"x": 1}), r"KaSA, a learned diagonal .* \(kasa_config\) is not supported"),
+      (dict(arrow_config={"top_k": 3}), r"Arrow routing .* \(arrow_config\) is not supported"),
+      (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4': this initialisation changes the base weights.*path_initial_model_for_weight_conversion"),
+      (dict(init_lora_weights="olora"), r"init_lora_weights='olora': this initialisation changes the base weights"),
+      (dict(init_lora_weights="gaussian"), None),
+      (dict(use_frobnication=True), r"use_frobnication=True is a PEFT option lora_jax does not know \(a newer PEFT variant\?\)"),
+      (dict(frob_config={"k": 1}), r"frob_config=\{'k': 1\} is a PEFT option lora_jax does not know"),
+      (dict(some_new_metadata="x"), None),  # unknown, but switches no variant on
+  ]
+  for i, (config, match) in enumerate(cases):
+    d = _one_module_dir(tmp_path / str(i), **config)
+    if match is None:
+      assert read_peft(d).modules["model.layers.0.self_attn.q_proj"].r == 2, config
+      continue
+    with pytest.raises(io.AdapterFileError, match=match) as e:
+      read_peft(d)
+    assert str(d) in str(e.value), (config, e.value)
+
+
+def test_catastrophic_pattern_keys_match_in_linear_time(tmp_path):
+  import time
+
+  evil = "a" * 3000 + "c"
+  d = _one_module_dir(tmp_path / "evil", name=evil, rank_pattern={"(a|a)+b": 3, "(a+)+$": 2}, alpha_pattern={"(.*.*)*x": 5})
+  start = time.perf_counter()
+  m = read_peft(d).modules[evil]
+  assert time.perf_counter() - start < 10  # re.match("(.*\\.)?((a|a)+b)$", evil) needs ~2**3000 steps
+  assert (m.r, m.alpha) == (2, 4.0)  # the second key matches; no alpha key does
+  d = _one_module_dir(tmp_path / "long", name="a" * 5000)
+  with pytest.raises(io.AdapterFileError, match=r"module name 'aaaa.*\.\.\. is longer than 4096 characters"):
+    read_peft(d)
+  # Keys PEFT users write still mean what they mean to PEFT.
+  d = _one_module_dir(tmp_path / "ok", rank_pattern={r"model\.layers\.\d+\.mlp": 4, "layers.0.self_attn.(q|k)_proj": 2}, r=3)
+  assert read_peft(d).modules["model.layers.0.self_attn.q_proj"].r == 2
+
+
+def test_unsupported_tensors_named(tmp_path):
+  d = _one_module_dir(tmp_path / "bias", bias="all")
+  tensors = io.read_safetensors(d / "adapter_model.safetensors")[0]
+  tensors["base_model.model.model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float32)
+  io.write_safetensors(d / "adapter_model.safetensors", tensors)
+  with pytest.raises(io.AdapterFileError, match=r"bias='all' \(in adapter_config.json\) trained base-model biases, saved as 'base_model.model.model.layers.0.self_attn.q_proj.bias'"):
+    read_peft(d)
+  d = _peft_dir(tmp_path / "bd", r=4)
+  io.write_safetensors(d / "adapter_model.safetensors", {  # BD-LoRA factors without their config
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 64), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32),
+  })
+  with pytest.raises(io.AdapterFileError, match=r"lora_A has rank 4 but lora_B \(32, 2\) has 2; plain LoRA factors are \(r, in\) and \(out, r\). A PEFT variant with other factor shapes \(e.g. BD-LoRA"):
+    read_peft(d)
+
+
+def test_export_records_rslora(tmp_path):
+  params = {"layers_0": {"self_attn": {n: {"kernel": jnp.ones((16, 16))} for n in ("q_proj", "v_proj")}}}
+  spec = lora_jax.LoraSpec(["q_proj", "v_proj"], rank=4, alpha=8, rslora=True, rank_pattern={"v_proj": 2})
+  ad = lora_jax.init(jax.random.key(0), params, spec)
+  assert all(f.rslora for f in io.flatten_adapters(ad).values())
+  export_peft(tmp_path / "rs", ad, "llama")  # no rslora=True needed: the adapters know
+  cfg = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+  assert (cfg["use_rslora"], cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (
+      True, 4, 8, {"model\\.layers\\.0\\.self_attn\\.v_proj": 2}, {})
+  assert isinstance(cfg["lora_alpha"], int)
+  back = import_peft(tmp_path / "rs", params, "llama")
+  _assert_same(back, ad)
+  export_peft(tmp_path / "again", back, "llama")
+  assert json.loads((tmp_path / "again" / "adapter_config.json").read_text()) == cfg
+  # Asked for plain LoRA: the same scales, expressed as alpha / r.
+  export_peft(tmp_path / "plain", ad, "llama", rslora=False)
+  cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+  assert (cfg["use_rslora"], cfg["lora_alpha"]) == (False, 16)
+  assert {m.name: m.scale for m in read_peft(tmp_path / "plain").modules.values()} == {
+      "model.layers.0.self_attn.q_proj": 4.0, "model.layers.0.self_attn.v_proj": 8 / np.sqrt(2)}
+  # Plain LoRA adapters stay plain; a mix is written as plain LoRA with exact alphas.
+  plain = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["q_proj"], rank=4, alpha=8))
+  export_peft(tmp_path / "p", plain, "llama")
+  cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+  assert (cfg["use_rslora"], cfg["lora_alpha"]) == (False, 8)
+  mixed = {"layers_0/self_attn/q_proj/kernel": io.flatten_adapters(plain)["layers_0/self_attn/q_proj/kernel"],
+           "layers_0/self_attn/v_proj/kernel": io.flatten_adapters(ad)["layers_0/self_attn/v_proj/kernel"]}
+  export_peft(tmp_path / "mix", mixed, "llama")
+  scales = {m.name: m.scale for m in read_peft(tmp_path / "mix").modules.values()}
+  assert scales == pytest.approx({"model.layers.0.self_attn.q_proj": 2.0, "model.layers.0.self_attn.v_proj": 8 / np.sqrt(2)}, rel=1e-12)
+  with pytest.raises(TypeError, match=r"export_peft\(rslora='yes'\): expected True, False or None"):
+    export_peft(tmp_path / "x", ad, "llama", rslora="yes")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -637,6 +636,15 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
   return PeftAdapter(cfg, dict(sorted(modules.items())), tuple(ignored))
 
 
+def _common_dtype(dtypes: list[Any]) -> np.dtype:
+  """The factors' dtype when a file mixes them: float32, or float64 if any factor is
+  (bfloat16, float16 and float8 do not promote to one another)."""
+  dtypes = [np.dtype(d) for d in dtypes]
+  if len(set(dtypes)) == 1:
+    return dtypes[0]
+  return np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
+
+
 def import_peft(
     directory: str | os.PathLike,
     params: PyTree,
@@ -659,7 +667,9 @@ def import_peft(
     directory: the PEFT adapter directory.
     params: the Flax params the adapters are for (arrays or ``jax.ShapeDtypeStruct`` s).
     name_map: as for :func:`export_peft`.
-    dtype: cast the factors (default: keep the file's dtype, usually float32).
+    dtype: cast the factors (default: keep the file's dtype, usually float32; factors of
+      mixed dtypes become float32, or float64 if one is; float64 is float32 in JAX unless
+      ``jax_enable_x64``).
 
   Returns:
     Adapters mirroring ``params``.
@@ -726,7 +736,7 @@ def import_peft(
           "Load the model with scan_layers=False (one kernel per layer) instead."
       )
     rank, scale = mods[0].r, mods[0].scale
-    out_dtype = dtype if dtype is not None else functools.reduce(jnp.promote_types, [m.A.dtype for m in mods] + [m.B.dtype for m in mods])
+    out_dtype = dtype if dtype is not None else _common_dtype([m.A.dtype for m in mods] + [m.B.dtype for m in mods])
     if len(shape) == 2:
       a, b = mods[0].A.T, mods[0].B.T
       layout = "io"

@@ -9,7 +9,7 @@ import jax  # noqa: F401 - used by the doctests
 from jax import tree_util as jtu
 
 from lora_jax.bases import is_base_leaf
-from lora_jax.kinds import Adapter, is_adapter_or_none
+from lora_jax.kinds import Adapter, is_adapter, is_adapter_or_none
 
 KeyPath = tuple[Any, ...]
 
@@ -55,13 +55,84 @@ def nearby(name: str, candidates: Iterable[str], n: int = 5) -> str:
   return ", ".join(repr(c) for c in close) + more
 
 
+_CALL_ORDER = (
+    "lora_jax takes the base params first and the adapters second: lora_apply(params, "
+    "adapters, *args) for lora_apply = lora_jax.wrap(apply_fn), merge(params, adapters), "
+    "unmerge(params, adapters), check_adapters(params, adapters); only count takes "
+    "(adapters, params)."
+)
+
+
+def _entries(tree: Any) -> list[tuple[str, Any]]:
+  """``(path, leaf)`` with adapters kept whole (not flattened into their arrays); no Nones."""
+  flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_adapter_or_none)
+  return [(path_str(p), x) for p, x in flat if x is not None]
+
+
+def _is_bare_leaf(x: Any) -> bool:
+  """An array or number passed where a tree belongs (not a container, not an adapter)."""
+  return x is not None and not is_adapter(x) and jtu.treedef_is_leaf(jtu.tree_structure(x))
+
+
+def _describe(x: Any) -> str:
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is not None and dtype is not None:
+    return f"an array of shape {tuple(shape)} ({dtype})"
+  return f"a {type(x).__name__} ({x!r:.40})"
+
+
+def _check_argument_roles(params: Any, adapters: Any) -> None:
+  """Refuses swapped or missing arguments with a message that says so."""
+  p_entries, a_entries = _entries(params), _entries(adapters)
+  in_params = next(((p, x) for p, x in p_entries if is_adapter(x)), None)
+  has_adapters = any(is_adapter(x) for _, x in a_entries)
+  if in_params is not None:
+    where = f"{type(in_params[1]).__name__} at {in_params[0]!r}"
+    if _is_bare_leaf(adapters):
+      raise ValueError(
+          f"the params argument holds adapters ({where}) and the adapters argument is "
+          f"{_describe(adapters)}: the base params look missing. {_CALL_ORDER}"
+      )
+    if not has_adapters:
+      example = f" (e.g. {_describe(a_entries[0][1])} at {a_entries[0][0]!r})" if a_entries else ""
+      raise ValueError(
+          f"the arguments look swapped: the params argument holds adapters ({where}) and the "
+          f"adapters argument holds none{example}. {_CALL_ORDER}"
+      )
+    raise ValueError(
+        f"the params argument holds adapters ({where}): params must be the base parameters "
+        f"(arrays only), with the adapters in their own tree. {_CALL_ORDER}"
+    )
+  if has_adapters:
+    if _is_bare_leaf(params) and not is_adapter(adapters):
+      raise ValueError(
+          f"the params argument is {_describe(params)} and the adapters argument a tree of "
+          f"adapters: the base params look missing. {_CALL_ORDER}"
+      )
+    return
+  if _is_bare_leaf(adapters):
+    raise ValueError(
+        f"the adapters argument is {_describe(adapters)}, not a tree of adapters: the adapters "
+        f"look missing (build them with lora_jax.init(rng, params, spec)). {_CALL_ORDER}"
+    )
+  if a_entries:
+    path, x = a_entries[0]
+    raise ValueError(
+        f"the adapters argument holds no adapter, only plain values (e.g. {_describe(x)} at "
+        f"{path!r}): it looks like a params tree, not adapters (build them with "
+        f"lora_jax.init(rng, params, spec)). {_CALL_ORDER}"
+    )
+
+
 def align(params: Any, adapters: Any) -> list[tuple[str, Any, Adapter | None]]:
   """Pairs each leaf of ``params`` with its entry in ``adapters`` (an adapter or None).
 
   Raises:
     ValueError: ``adapters`` does not mirror ``params``; the message names the first path
-      at which they differ.
+      at which they differ. Swapped or missing arguments (adapters in ``params``, an array
+      or a params-like tree as ``adapters``) are named as such.
   """
+  _check_argument_roles(params, adapters)
   flat, treedef = jtu.tree_flatten_with_path(params, is_leaf=is_base_leaf)
   try:
     entries = treedef.flatten_up_to(adapters)

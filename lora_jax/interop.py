@@ -19,12 +19,13 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
+from lora_jax._regex import MAX_NAME, PeftPatterns, SafeRegex, UnsafePattern
 from lora_jax.kinds import LoraFactors
 from lora_jax.io import (
     AdapterFileError,
@@ -228,13 +229,6 @@ def _linear_axes(path: str, f: LoraFactors) -> int:
   return nl
 
 
-def _peft_key_match(keys: Iterable[str], name: str) -> str | None:
-  for key in keys:  # PEFT's get_pattern_key
-    if re.match(rf"(.*\.)?({key})$", name):
-      return key
-  return None
-
-
 def _patterns(modules: Mapping[str, tuple[Any, str | None]], default: Any) -> dict[str, Any]:
   """rank_pattern / alpha_pattern entries: {regex: value} for modules whose value != default."""
   out: dict[str, Any] = {}
@@ -244,6 +238,16 @@ def _patterns(modules: Mapping[str, tuple[Any, str | None]], default: Any) -> di
     key = group_rx if group_rx is not None else re.escape(name)
     out[key] = value
   return out
+
+
+def _json_number(x: float) -> int | float:
+  """An integral alpha as a JSON integer (PEFT's ``lora_alpha: int``), others as floats."""
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _rslora_of(f: Any) -> bool:
+  """Whether an adapter was made with rsLoRA (``scale = alpha / sqrt(r)``)."""
+  return bool(getattr(f, "rslora", False))
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -257,7 +261,7 @@ def export_peft(
     *,
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
-    rslora: bool = False,
+    rslora: bool | None = None,
     dtype: Any = None,
 ) -> str:
   """Writes adapters as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
@@ -277,8 +281,10 @@ def export_peft(
     base_model_name_or_path: recorded in the config (the hub id or path of the base model).
     task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"FEATURE_EXTRACTION"``,
       ``None``); PeftModel.from_pretrained builds the matching PeftModel class.
-    rslora: express scales as ``lora_alpha / sqrt(r)`` (``use_rslora=True``) instead of
-      ``lora_alpha / r``; either way PEFT's scale equals each adapter's ``scale``.
+    rslora: express scales as ``lora_alpha / sqrt(r)`` (``use_rslora=True``) or as
+      ``lora_alpha / r``. By default, as the adapters were made: ``use_rslora`` when every
+      adapter was made with ``LoraSpec(rslora=True)`` (its ``rslora`` field), so the config
+      carries the spec's alphas. Either way PEFT's scale equals each adapter's ``scale``.
     dtype: cast the tensors (default: keep them, usually float32).
 
   Returns:
@@ -299,6 +305,10 @@ def export_peft(
   flat = flatten_adapters(adapters)
   if not flat:
     raise ValueError("export_peft: the adapters hold no LoraFactors; nothing to export.")
+  if rslora is None:  # as made; a mix is written as plain LoRA, with exact (non-integer) alphas
+    rslora = all(_rslora_of(f) for f in flat.values())
+  elif not isinstance(rslora, bool):
+    raise TypeError(f"export_peft(rslora={rslora!r}): expected True, False or None (as the adapters were made).")
   tensors: dict[str, np.ndarray] = {}
   ranks: dict[str, tuple[int, str | None]] = {}
   alphas: dict[str, tuple[float, str | None]] = {}
@@ -319,7 +329,7 @@ def export_peft(
     group_rx = nm.module_pattern(path) if isinstance(nm, NameMap) else None
     embedding = path.split("/")[-1] == "embedding"
     kind_a, kind_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-    alpha = _alpha(f.scale, f.rank, rslora)
+    alpha = _json_number(_alpha(f.scale, f.rank, rslora))
     for i, name in enumerate(names):
       if name in owner:
         raise ValueError(f"export_peft: {path!r} and {owner[name]!r} both map to torch module {name!r}.")
@@ -333,9 +343,10 @@ def export_peft(
   alpha = _most_common([v for v, _ in alphas.values()])
   rank_pattern = _patterns(ranks, r)
   alpha_pattern = _patterns(alphas, alpha)
+  rank_keys, alpha_keys = PeftPatterns(rank_pattern), PeftPatterns(alpha_pattern)
   for name in owner:  # every module must resolve, under PEFT's rules, to its own r and alpha
-    rk, ak = _peft_key_match(rank_pattern, name), _peft_key_match(alpha_pattern, name)
-    got = (rank_pattern[rk] if rk else r, alpha_pattern[ak] if ak else alpha)
+    rk, ak = rank_keys.first(name), alpha_keys.first(name)
+    got = (rank_pattern[rk] if rk is not None else r, alpha_pattern[ak] if ak is not None else alpha)
     if got != (ranks[name][0], alphas[name][0]):
       raise ValueError(
           f"export_peft: PEFT would give {name!r} (r, alpha) = {got}, not "
@@ -399,14 +410,122 @@ class PeftAdapter:
   ignored: tuple[str, ...]
 
 
+# PEFT 0.21.2 LoraConfig options that change what the factors mean (or add tensors): refused
+# by name, never imported as plain LoRA.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora=true)",
     "lora_bias": "LoRA biases (lora_bias=true)",
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
-    "layer_replication": "layer replication",
+    "layer_replication": "layer replication (layer_replication)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora=true)",
+    "use_bdlora": "BD-LoRA, block-diagonal lora_A/lora_B factors (use_bdlora)",
+    "kasa_config": "KaSA, a learned diagonal between lora_A and lora_B on an SVD-truncated base (kasa_config)",
+    "monteclora_config": "MonteCLoRA, Monte Carlo sampled LoRA weights (monteclora_config)",
+    "arrow_config": "Arrow routing between several LoRA experts (arrow_config)",
+    "megatron_config": "Megatron-LM tensor-parallel LoRA layers (megatron_config)",
 }
+# Initialisations after which the adapter only fits a base model PEFT changed (W - s·BA, or a
+# quantised W): the directory is not an adapter for the original base.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# Every other option of PEFT 0.21.2's LoraConfig: selection, training or metadata only.
+_KNOWN = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+    "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core",
+    "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "velora_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+} | set(_UNSUPPORTED)
+_MAX_RANK = 2**31 - 1
+
+
+def _short(x: Any, n: int = 80) -> str:
+  try:
+    text = repr(x)
+  except ValueError:  # an int too long for a decimal repr
+    text = f"<an int of {x.bit_length()} bits>"
+  return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _is_rank(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _MAX_RANK
+
+
+def _is_finite(v: Any) -> bool:
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return False
+  try:
+    return math.isfinite(float(v))
+  except OverflowError:  # an int beyond float range, e.g. 10**400
+    return False
+
+
+def _check_config(cfg: dict[str, Any], bad: Callable[[str], AdapterFileError]) -> dict[str, Any]:
+  """Validates a PEFT LoRA config; returns what the reader uses (r, alpha, patterns, ...)."""
+  if cfg.get("peft_type") != "LORA":
+    raise bad(
+        f"peft_type is {_short(cfg.get('peft_type'))}; lora_jax imports plain LoRA adapters only "
+        "(peft_type 'LORA')."
+    )
+  for key, what in _UNSUPPORTED.items():
+    if cfg.get(key) not in (None, False, [], {}):
+      raise bad(f"{what} is not supported by lora_jax; merge it in PEFT (merge_and_unload) instead.")
+  init = cfg.get("init_lora_weights", True)
+  if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    raise bad(
+        f"init_lora_weights={init!r:.40}: this initialisation changes the base weights, so the "
+        "adapter only fits the base model PEFT modified, not the original. Save it with PEFT's "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it "
+        "to plain LoRA, or merge it in PEFT (merge_and_unload)."
+    )
+  for key, value in cfg.items():  # options of a newer PEFT that switch on a variant
+    if key not in _KNOWN and (key.startswith("use_") or key.endswith("_config")) and value not in (None, False, [], {}):
+      raise bad(
+          f"{key}={_short(value, 40)} is a PEFT option lora_jax does not know (a newer PEFT "
+          "variant?); refusing rather than importing it as plain LoRA."
+      )
+  r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+  rslora = cfg.get("use_rslora", False)
+  if not _is_rank(r):
+    raise bad(f"r must be a positive integer, found {_short(r)}.")
+  if not _is_finite(alpha):
+    raise bad(f"lora_alpha must be a finite number within float range, found {_short(alpha)}.")
+  if not isinstance(rslora, bool):
+    raise bad(f"use_rslora must be true or false, found {_short(rslora)}.")
+  if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+    raise bad(f"bias must be 'none', 'all' or 'lora_only', found {_short(cfg.get('bias'))}.")
+  patterns = {}
+  for pname, ok, what in (
+      ("rank_pattern", _is_rank, "positive integers"),
+      ("alpha_pattern", _is_finite, "finite numbers"),
+  ):
+    pattern = cfg.get(pname) or {}
+    if not isinstance(pattern, dict):
+      raise bad(f"{pname} must map regexes to {what}, found a {type(pattern).__name__}.")
+    for key, value in pattern.items():
+      if not ok(value):
+        raise bad(f"{pname}[{_short(key)}] must be one of {what}, found {_short(value)}.")
+    try:
+      patterns[pname] = PeftPatterns(pattern)
+    except UnsafePattern as e:
+      key = getattr(e, "key", None)
+      raise bad(
+          f"{pname} key {_short(key)} is refused: {e}. Pattern keys from files are matched with "
+          "a safe subset of Python regexes (no backreferences, lookaround or inline flags; at "
+          "most 1000 characters, 32 nested groups, {m,n} counts up to 1000)."
+          if key is not None else f"{pname}: {e}."
+      ) from None
+  targets = cfg.get("target_modules")
+  if isinstance(targets, str):
+    try:
+      SafeRegex(targets)
+    except UnsafePattern as e:
+      raise bad(f"target_modules regex {_short(targets)} is refused: {e}.") from None
+  elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    raise bad(f"target_modules must be a regex string or a list of module names, found {_short(targets)}.")
+  return dict(r=r, alpha=alpha, rslora=rslora, rank_pattern=cfg.get("rank_pattern") or {},
+              alpha_pattern=cfg.get("alpha_pattern") or {}, patterns=patterns)
 
 
 def read_peft(directory: str | os.PathLike) -> PeftAdapter:
@@ -415,8 +534,9 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
   Raises:
     FileNotFoundError: no ``adapter_config.json`` in ``directory``.
     AdapterFileError: a ``.bin`` pickle only, a malformed config or tensor file, a method
-      other than plain LoRA (DoRA, LoRA bias, LoHa, ...), factor shapes that contradict the
-      config's ranks, or non-finite values.
+      other than plain LoRA (DoRA, LoRA bias, BD-LoRA, LoHa, ...: named), factor shapes that
+      contradict the config's ranks, pattern keys outside the safe regex subset, or
+      non-finite values.
 
   >>> import tempfile, lora_jax
   >>> f = LoraFactors(a=jnp.ones((4, 2)), b=jnp.ones((2, 3)), scale=0.5, layout="io")
@@ -444,34 +564,9 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
   def bad(what: str) -> AdapterFileError:
     return AdapterFileError(f"{cfg_path}: {what}")
 
-  if cfg.get("peft_type") != "LORA":
-    raise bad(
-        f"peft_type is {cfg.get('peft_type')!r}; lora_jax imports plain LoRA adapters only "
-        "(peft_type 'LORA')."
-    )
-  for key, what in _UNSUPPORTED.items():
-    if cfg.get(key) not in (None, False, [], {}):
-      raise bad(f"{what} is not supported by lora_jax; merge it in PEFT (merge_and_unload) instead.")
-  r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-  rslora = cfg.get("use_rslora", False)
-  rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-  if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-    raise bad(f"r must be a positive integer, found {r!r}.")
-  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
-    raise bad(f"lora_alpha must be a finite number, found {alpha!r}.")
-  if not isinstance(rslora, bool):
-    raise bad(f"use_rslora must be true or false, found {rslora!r}.")
-  for pname, pattern, ok in (
-      ("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-      ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
-  ):
-    if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
-      raise bad(f"{pname} must map regexes to {'positive integers' if pname == 'rank_pattern' else 'finite numbers'}.")
-    for key in pattern:
-      try:
-        re.compile(key)
-      except re.error as e:
-        raise bad(f"{pname} key {key!r} is not a valid regex ({e}).") from None
+  c = _check_config(cfg, bad)
+  r, alpha, rslora = c["r"], c["alpha"], c["rslora"]
+  rank_pattern, alpha_pattern = c["rank_pattern"], c["alpha_pattern"]
 
   tensors, _, _ = read_safetensors(weights)
   parts: dict[str, dict[str, Any]] = collections.defaultdict(dict)
@@ -509,14 +604,20 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
       raise AdapterFileError(f"{weights}: module {name!r} has non-float factors ({A.dtype}, {B.dtype}).")
     rank = A.shape[0]
     if B.shape[1] != rank:
-      raise AdapterFileError(f"{weights}: module {name!r}: lora_A has rank {rank} but lora_B {B.shape} has {B.shape[1]}.")
-    rk, ak = _peft_key_match(rank_pattern, name), _peft_key_match(alpha_pattern, name)
-    want_r = rank_pattern[rk] if rk else r
-    mod_alpha = float(alpha_pattern[ak] if ak else alpha)
+      raise AdapterFileError(
+          f"{weights}: module {name!r}: lora_A has rank {rank} but lora_B {B.shape} has "
+          f"{B.shape[1]}; plain LoRA factors are (r, in) and (out, r). A PEFT variant with other "
+          "factor shapes (e.g. BD-LoRA's block-diagonal factors) or a damaged file."
+      )
+    if len(name) > MAX_NAME:
+      raise AdapterFileError(f"{weights}: module name {_short(name)} is longer than {MAX_NAME} characters.")
+    rk, ak = c["patterns"]["rank_pattern"].first(name), c["patterns"]["alpha_pattern"].first(name)
+    want_r = rank_pattern[rk] if rk is not None else r
+    mod_alpha = float(alpha_pattern[ak] if ak is not None else alpha)
     if rank != want_r:
       raise AdapterFileError(
           f"{weights}: module {name!r} has rank {rank} but the config gives r={want_r} "
-          f"({'rank_pattern key ' + repr(rk) if rk else 'r'}); the pair is inconsistent."
+          f"({'rank_pattern key ' + repr(rk) if rk is not None else 'r'}); the pair is inconsistent."
       )
     for label, x in (("lora_A", A), ("lora_B", B)):
       if not np.isfinite(x.astype(np.float32)).all():
@@ -524,8 +625,24 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
     scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
     modules[name] = PeftModule(name, slot["embedding"], A, B, rank, mod_alpha, scale)
   if not modules:
-    raise AdapterFileError(f"{weights}: holds no LoRA tensors (keys: {sorted(tensors)[:5]}).")
+    raise AdapterFileError(f"{weights}: holds no LoRA tensors (keys: {[_short(k) for k in sorted(tensors)[:5]]}).")
+  biases = [k for k in ignored if k.endswith(".bias")]
+  if cfg.get("bias", "none") != "none" and biases:
+    raise AdapterFileError(
+        f"{weights}: bias={cfg['bias']!r} (in {PEFT_CONFIG}) trained base-model biases, saved as "
+        f"{_short(biases[0])}...; lora_jax imports LoRA factors only, and leaving the biases out "
+        "would change the model. Merge the adapter in PEFT (merge_and_unload) instead."
+    )
   return PeftAdapter(cfg, dict(sorted(modules.items())), tuple(ignored))
+
+
+def _common_dtype(dtypes: list[Any]) -> np.dtype:
+  """The factors' dtype when a file mixes them: float32, or float64 if any factor is
+  (bfloat16, float16 and float8 do not promote to one another)."""
+  dtypes = [np.dtype(d) for d in dtypes]
+  if len(set(dtypes)) == 1:
+    return dtypes[0]
+  return np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
 
 
 def import_peft(
@@ -550,7 +667,9 @@ def import_peft(
     directory: the PEFT adapter directory.
     params: the Flax params the adapters are for (arrays or ``jax.ShapeDtypeStruct`` s).
     name_map: as for :func:`export_peft`.
-    dtype: cast the factors (default: keep the file's dtype, usually float32).
+    dtype: cast the factors (default: keep the file's dtype, usually float32; factors of
+      mixed dtypes become float32, or float64 if one is; float64 is float32 in JAX unless
+      ``jax_enable_x64``).
 
   Returns:
     Adapters mirroring ``params``.
@@ -569,6 +688,7 @@ def import_peft(
   """
   nm = _as_name_map(name_map)
   adapter = read_peft(directory)
+  rslora = adapter.config.get("use_rslora", False)
   where: dict[str, tuple[str, int | None]] = {}
   leaves = {}
   for path, leaf in leaves_with_paths(params):
@@ -589,7 +709,7 @@ def import_peft(
   for name, mod in adapter.modules.items():
     if name not in where:
       raise ValueError(
-          f"import_peft: torch module {name!r} has no counterpart in params under this name "
+          f"import_peft({os.fspath(directory)}): torch module {name!r} has no counterpart in params under this name "
           f"map. Torch names the map produces near it: {nearby(name, list(where))}. Check the "
           "name map (e.g. NameMap.with_prefix('bert.') for a model with a task head)."
       )
@@ -604,19 +724,19 @@ def import_peft(
     for layer, mod in layers.items():
       if mod.A.shape[1] != kin or mod.B.shape[0] != kout:
         raise ValueError(
-            f"import_peft: {mod.name!r} has lora_A {mod.A.shape} and lora_B {mod.B.shape}, but "
+            f"import_peft({os.fspath(directory)}): {mod.name!r} has lora_A {mod.A.shape} and lora_B {mod.B.shape}, but "
             f"{path!r}{'' if layer is None else f'[{layer}]'} is a kernel (in={kin}, out={kout}): "
             f"expected lora_A (r, {kin}) and lora_B ({kout}, r). Wrong name map or wrong model."
         )
     mods = list(layers.values())
     if len({(m.r, m.scale) for m in mods}) != 1:
       raise ValueError(
-          f"import_peft: the layers of stacked kernel {path!r} have different (r, scale): "
+          f"import_peft({os.fspath(directory)}): the layers of stacked kernel {path!r} have different (r, scale): "
           f"{sorted({(m.r, m.scale) for m in mods})}; a stacked adapter has one rank and scale. "
           "Load the model with scan_layers=False (one kernel per layer) instead."
       )
     rank, scale = mods[0].r, mods[0].scale
-    out_dtype = dtype if dtype is not None else np.result_type(*[m.A.dtype for m in mods], *[m.B.dtype for m in mods])
+    out_dtype = dtype if dtype is not None else _common_dtype([m.A.dtype for m in mods] + [m.B.dtype for m in mods])
     if len(shape) == 2:
       a, b = mods[0].A.T, mods[0].B.T
       layout = "io"
@@ -634,6 +754,7 @@ def import_peft(
         b=jnp.asarray(np.asarray(b).astype(out_dtype)),
         scale=float(scale),
         layout=layout,
+        rslora=rslora,
     )
   ordered = {p: flat[p] for p, _ in leaves_with_paths(params) if p in flat}
   tree = adapters_to_tree(ordered, params)

@@ -19,6 +19,7 @@ LayoutRule = Union[Mapping[str, str], Callable[[str, Any], Union[str, None]], No
 ALL_LINEAR = "all-linear"
 _WEIGHT_NAMES = ("kernel", "embedding")
 _HEAD_NAMES = ("lm_head", "output_embeddings")
+_MAX_RANK = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Target:
   scale: float
   layout: str
   is_embedding: bool
+  rslora: bool = False
 
   @property
   def fan_in(self) -> int:
@@ -91,15 +93,18 @@ class LoraSpec:
           f"LoraSpec(kind={self.kind!r}): expected an adapter kind registered with "
           "lora_jax.kinds.register_kind, e.g. lora_jax.LoraFactors."
       )
-    if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-      raise ValueError(f"LoraSpec(rank={self.rank!r}): rank must be a positive integer.")
+    _check_rank(f"rank={_short(self.rank)}", self.rank)
+    _check_alpha(f"alpha={_short(self.alpha)}", self.alpha)
+    if not isinstance(self.rslora, (bool, np.bool_)):
+      raise TypeError(f"LoraSpec(rslora={_short(self.rslora)}): expected True or False.")
     for name in ("rank_pattern", "alpha_pattern", "layout"):
       _check_pattern_keys(name, getattr(self, name))
-    for key, r in (self.rank_pattern or {}).items():
-      if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
-        raise ValueError(
-            f"LoraSpec(rank_pattern={{{key!r}: {r!r}}}): ranks must be positive integers."
-        )
+    if not callable(self.rank_pattern):
+      for key, r in (self.rank_pattern or {}).items():
+        _check_rank(f"rank_pattern={{{key!r}: {_short(r)}}}", r)
+    if not callable(self.alpha_pattern):
+      for key, a in (self.alpha_pattern or {}).items():
+        _check_alpha(f"alpha_pattern={{{key!r}: {_short(a)}}}", a)
     if isinstance(self.targets, str) or callable(self.targets):
       return
     if not isinstance(self.targets, Sequence) or not self.targets:
@@ -150,6 +155,7 @@ class LoraSpec:
           scale=self.scale_for(int(rank), alpha),
           layout=layout,
           is_embedding=path.split("/")[-1] == "embedding",
+          rslora=bool(self.rslora),
       )
       limit = min(target.fan_in, target.fan_out)
       if target.rank > limit:
@@ -178,6 +184,39 @@ class LoraSpec:
               f"{nearby(key, [t.path for t in out])}."
           )
     return out
+
+
+def _short(x: Any, n: int = 60) -> str:
+  """``repr(x)``, cut to ``n`` characters; never fails (huge ints have no decimal repr)."""
+  try:
+    text = repr(x)
+  except ValueError:
+    text = f"<an int of {x.bit_length()} bits>"
+  return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_rank(shown: str, r: Any) -> None:
+  """``shown`` is the argument as the user wrote it: ``rank=0``, ``rank_pattern={'fc': 0}``."""
+  what = "rank must be a positive integer" if shown.startswith("rank=") else "ranks must be positive integers"
+  if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+    raise TypeError(f"LoraSpec({shown}): {what} (int), found a {type(r).__name__}.")
+  if r < 1 or r > _MAX_RANK:
+    raise ValueError(f"LoraSpec({shown}): {what} (at most {_MAX_RANK}), found {_short(r)}.")
+
+
+def _check_alpha(shown: str, alpha: Any) -> None:
+  if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+    raise TypeError(f"LoraSpec({shown}): alpha must be a real number (int or float), found a {type(alpha).__name__}.")
+  try:
+    finite = math.isfinite(float(alpha))
+  except OverflowError:  # an int beyond float range
+    finite = False
+  if not finite:
+    raise ValueError(
+        f"LoraSpec({shown}): alpha must be a finite number within float range; the scale "
+        "alpha / r multiplies every update, so a NaN or infinite alpha makes every merged "
+        "kernel NaN/Inf."
+    )
 
 
 def _check_pattern_keys(name: str, pattern: Any) -> None:

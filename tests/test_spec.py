@@ -214,6 +214,26 @@ def test_bad_spec_arguments():
     LoraSpec(["fc", 3])
   with pytest.raises(TypeError, match=r"LoraSpec\(layout='ioo'\): expected a mapping"):
     LoraSpec(["fc"], layout="ioo")
+  # Values that would make every merge NaN/Inf, or that are not what they look like.
+  with pytest.raises(ValueError, match=r"LoraSpec\(alpha=nan\): alpha must be a finite number"):
+    LoraSpec(["fc"], alpha=float("nan"))
+  with pytest.raises(ValueError, match=r"LoraSpec\(alpha=inf\): alpha must be a finite number"):
+    LoraSpec(["fc"], alpha=float("inf"))
+  with pytest.raises(ValueError, match=r"LoraSpec\(alpha=1000000000.*\.\.\.\): alpha must be a finite number within float range"):
+    LoraSpec(["fc"], alpha=10**400)
+  with pytest.raises(ValueError, match=r"LoraSpec\(alpha_pattern=\{'fc': inf\}\): alpha must be a finite number"):
+    LoraSpec(["fc"], alpha_pattern={"fc": float("inf")})
+  with pytest.raises(TypeError, match=r"LoraSpec\(alpha='8'\): alpha must be a real number \(int or float\), found a str"):
+    LoraSpec(["fc"], alpha="8")
+  with pytest.raises(TypeError, match=r"LoraSpec\(rank=True\): rank must be a positive integer \(int\), found a bool"):
+    LoraSpec(["fc"], rank=True)
+  with pytest.raises(ValueError, match=r"LoraSpec\(rank=-3\): rank must be a positive integer"):
+    LoraSpec(["fc"], rank=-3)
+  with pytest.raises(TypeError, match=r"LoraSpec\(rank_pattern=\{'fc': True\}\): ranks must be positive integers \(int\), found a bool"):
+    LoraSpec(["fc"], rank_pattern={"fc": True})
+  with pytest.raises(TypeError, match=r"LoraSpec\(rslora=1\): expected True or False"):
+    LoraSpec(["fc"], rslora=1)
+  assert LoraSpec(["fc"], rank=np.int64(4), alpha=np.float32(8), rslora=np.bool_(True)).rank == 4
 
 
 def test_bad_layout(params):
@@ -277,3 +297,34 @@ def test_adapters_that_do_not_fit_params(params):
   bad["layers_0"]["mlp"]["fc2"]["kernel"] = LoraFactors(a=f.a, b=f.b, scale=1.0, layout="iio")
   with pytest.raises(ValueError, match=r"'layers_0/mlp/fc2/kernel': adapter layout 'iio' has 3 axes but the kernel has shape \(32, 16\)"):
     lora_jax.check_adapters(params, bad)
+
+
+def test_swapped_or_missing_arguments():
+  model = nn.Dense(4)
+  x = jnp.ones((2, 8))
+  params = model.init(jax.random.key(0), x)
+  adapters = lora_jax.init(jax.random.key(1), params, LoraSpec("params/kernel", rank=2))
+  lora_apply = lora_jax.wrap(model.apply)
+  assert lora_apply(params, adapters, x).shape == (2, 4)
+  order = r"lora_jax takes the base params first and the adapters second: lora_apply\(params, adapters, \*args\).*only count takes \(adapters, params\)"
+  swapped = r"the arguments look swapped: the params argument holds adapters \(LoraFactors at 'params/kernel'\) and the adapters argument holds none \(e.g. an array of shape \(4,\) \(float32\) at 'params/bias'\). " + order
+  with pytest.raises(ValueError, match=swapped):
+    lora_apply(adapters, params, x)
+  with pytest.raises(ValueError, match=swapped):
+    lora_jax.merge(adapters, params)
+  with pytest.raises(ValueError, match=swapped):
+    lora_jax.count(params, adapters)  # count is (adapters, params)
+  assert lora_jax.count(adapters, params).trainable == 2 * (8 + 4)
+  with pytest.raises(ValueError, match=r"the params argument holds adapters \(LoraFactors at 'params/kernel'\) and the adapters argument is an array of shape \(2, 8\) \(float32\): the base params look missing. " + order):
+    lora_apply(adapters, x)
+  with pytest.raises(ValueError, match=r"the adapters argument is an array of shape \(2, 8\) \(float32\), not a tree of adapters: the adapters look missing \(build them with lora_jax.init\(rng, params, spec\)\). " + order):
+    lora_apply(params, x)
+  with pytest.raises(ValueError, match=r"the params argument is an array of shape \(2, 8\) \(float32\) and the adapters argument a tree of adapters: the base params look missing"):
+    lora_apply(x, adapters)
+  with pytest.raises(ValueError, match=r"the adapters argument holds no adapter, only plain values \(e.g. an array of shape \(4,\) \(float32\) at 'params/bias'\): it looks like a params tree"):
+    lora_jax.merge(params, params)
+  with pytest.raises(ValueError, match=r"the params argument holds adapters \(LoraFactors at 'params/kernel'\): params must be the base parameters \(arrays only\)"):
+    lora_jax.unmerge(adapters, adapters)
+  # No adapter at all (every entry None) is still fine: merging changes nothing.
+  nothing = jax.tree.map(lambda _: None, params)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), lora_jax.merge(params, nothing), params))

@@ -44,6 +44,9 @@ class LoraFactors(Adapter):
   b: Array
   scale: float
   layout: str
+  # Made with scale = alpha / sqrt(r) (rsLoRA): export_peft then writes use_rslora. Static;
+  # left out of the repr so that reprs of plain LoRA factors stay as they were.
+  rslora: bool = dataclasses.field(default=False, repr=False)
 
   def delta(self, dtype: Any = None) -> Array:
     """``scale * a @ b`` arranged like the kernel (materialises the full-size update)."""
@@ -64,7 +67,7 @@ class LoraFactors(Adapter):
       bound = 1.0 / np.sqrt(target.fan_in)
       a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
       b = jnp.zeros(b_shape, dtype)
-    return cls(a=a, b=b, scale=target.scale, layout=target.layout)
+    return cls(a=a, b=b, scale=target.scale, layout=target.layout, rslora=getattr(target, "rslora", False))
 
 
 def kernel_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

@@ -395,7 +395,8 @@ def save(
   flat = flatten_adapters(adapters)
   if not flat:
     raise ValueError("save: the adapters hold no adapters (only None); nothing to save.")
-  rslora = bool(spec.rslora) if spec is not None else False
+  # rsLoRA: from the spec, else from the adapters themselves (LoraFactors records it).
+  rslora = bool(spec.rslora) if spec is not None else all(bool(getattr(f, "rslora", False)) for f in flat.values())
   tensors, entries = {}, {}
   for name, f in flat.items():
     leaf = kernels.get(name)
@@ -537,9 +538,12 @@ def _check_entry(need: _Check, name: str, e: Any, rslora: bool) -> None:
   need(cls is not None,
        f"{w}: adapter kind {kind!r} is not registered in this lora_jax (known: {sorted(registered_kinds())}); it was saved "
        "by a newer lora_jax or with a kind from another package: upgrade lora_jax, or import the module that registers it.")
-  want_static = sorted(f.name for f in dataclasses.fields(cls) if f.name not in cls.ROLES)
+  # Fields with a default may be missing (a file from before the kind gained them).
+  fields = [f for f in dataclasses.fields(cls) if f.name not in cls.ROLES]
+  want_static = sorted(f.name for f in fields)
+  required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
   static = e["static"]
-  need(isinstance(static, dict) and sorted(static) == want_static,
+  need(isinstance(static, dict) and required <= set(static) <= set(want_static),
        f"{w}['static'] must give {want_static} for kind {kind!r}, found {short(static)}.")
   layout = static["layout"]
   problem = _layout_problem(layout)
@@ -676,7 +680,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
   >>> d = lora_jax.save(tempfile.mkdtemp() + "/run", {"dense/kernel": f})
   >>> e = load_config(d)["adapters"]["dense/kernel"]
   >>> e["kind"], e["static"], e["rank"], e["alpha"], e["tensors"]["b"]
-  ('lora', {'scale': 4.0, 'layout': 'io'}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
+  ('lora', {'scale': 4.0, 'layout': 'io', 'rslora': False}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
   """
   version, tensor_path, json_path = _locate(path)
   if version == 1:

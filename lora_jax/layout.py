@@ -304,39 +304,33 @@ class _Walker:
     return [None], [_combine(ins_d, _born(eqn, ins_d))]
 
   def _loop(self, name, p, ins_v, ins_d, n_out):
+    """``scan`` (body inputs: consts, carry, xs) and ``while`` (cond consts, body consts, carry)."""
     if name == "scan":
       nc, ncar = scan_counts(p)
-      body, _ = open_jaxpr(p["jaxpr"])
-      views = list(ins_v)
-      for k in range(nc + ncar, len(views)):  # scanned over axis 0
-        info = views[k]
-        if info is not None:
-          i, axes = info
+      body = p["jaxpr"]
+      views, doms = list(ins_v), list(ins_d)
+      for k in range(nc + ncar, len(views)):  # scanned over axis 0: a layer axis
+        if views[k] is not None:
+          i, axes = views[k]
           if axes[0] is not None:
             self._label(self.labels, i, axes[0], "l")
           views[k] = (i, axes[1:]) if len(axes) > 1 else None
-      for k in range(nc, nc + ncar):
-        views[k] = None  # a kernel carried through the loop is no longer a plain view
-      lo, hi = nc, nc + ncar
-    else:  # while
-      body, _ = open_jaxpr(p["body_jaxpr"])
-      cn, bn = p["cond_nconsts"], p["body_nconsts"]
-      views = [None] * cn + list(ins_v[cn : cn + bn]) + [None] * (len(ins_v) - cn - bn)
-      for k in range(cn + bn, len(ins_v)):
-        if ins_v[k] is not None:
-          self.reads.setdefault(ins_v[k][0], set()).add(name)
-      views, ins_d = views[cn:], list(ins_d[cn:])
-      lo, hi = bn, len(views)
-    doms = list(ins_d)
-    for _ in range(4):  # the carry's source: iterate the body to a fixed point
+    else:
+      cn, nc = p["cond_nconsts"], p["body_nconsts"]
+      body = p["body_jaxpr"]
+      views, doms = list(ins_v[cn:]), list(ins_d[cn:])
+      ncar = len(views) - nc
+    for k in range(nc, nc + ncar):
+      if views[k] is not None:  # a kernel carried through a loop is no longer a view of it
+        self.reads.setdefault(views[k][0], set()).add(name)
+        views[k] = None
+    for _ in range(4):  # the carry's data source: iterate the body to a fixed point
       _, out_d = self.walk(*_bind_sub(body, views, doms))
-      new = doms[:lo] + [_combine([d, o]) for d, o in zip(doms[lo:hi], out_d[: hi - lo])] + doms[hi:]
-      if new == doms:
+      carry = [_combine([d, o]) for d, o in zip(doms[nc : nc + ncar], out_d[:ncar])]
+      if carry == doms[nc : nc + ncar]:
         break
-      doms = new
-    if name == "scan":
-      return [None] * n_out, list(out_d)
-    return [None] * n_out, list(out_d[:n_out])
+      doms[nc : nc + ncar] = carry
+    return [None] * n_out, list(out_d)
 
 
 def _is_float(v: Any) -> bool:

@@ -122,6 +122,27 @@ def test_kernel_the_function_cannot_read_is_an_error():
   }
 
 
+def test_trace_follows_jit_cond_loops_remat_and_custom_rules():
+  @jax.custom_vjp
+  def matmul(x, w):
+    return x @ w
+
+  matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+  def fn(p, x, flag):
+    h = jax.jit(lambda h: h @ p["jit"].T)(x)
+    h = jax.lax.cond(flag, lambda h: h @ p["cond"], lambda h: 2 * h, h)
+    h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ p["loop"]), (0, h))[1]
+    h = jax.checkpoint(lambda h: h @ p["remat"])(h)
+    return matmul(h, p["custom"])
+
+  params = {k: jnp.zeros((8, 8)) for k in ("jit", "cond", "loop", "remat", "custom")}
+  t = trace_uses(fn, params, X, True)
+  assert t.layouts == {"jit": "oi", "cond": "io", "loop": "io", "remat": "io", "custom": "io"}
+  assert t.output_layers == {"custom"}
+  assert t.linear() == ["cond", "jit", "loop", "remat"]
+
+
 def test_trace_of_other_params_is_an_error():
   fn = lambda p, x: x @ p["w"]
   trace = trace_uses(fn, {"w": jnp.zeros((8, 2))}, X)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,34 +13,93 @@ import numpy as np
 from lora_jax.bases import dense, is_base_leaf
 from lora_jax._paths import align, path_str, tree_from_entries
 from lora_jax.kinds import Adapter, LoraFactors, is_adapter, is_adapter_or_none
+from lora_jax.layout import KernelUses, trace_uses
 from lora_jax.spec import LoraSpec, Target
 
 Array = Any
 PyTree = Any
 
 
-def init(rng: Array, params: PyTree, spec: LoraSpec) -> PyTree:
-  """Fresh adapters for ``params``: a tree of the same structure holding a :class:`LoraFactors`
-  at each targeted kernel and ``None`` elsewhere. ``b`` starts at zero (for embeddings ``a``
-  does, as in PEFT), so the adapted model starts out equal to the base model.
+def init(
+    rng: Array, params: PyTree, spec: LoraSpec, apply_fn: Callable[..., Any] | None = None,
+    *example_args: Any, **example_kwargs: Any,
+) -> PyTree:
+  """Fresh adapters for ``params``: a tree of the same structure holding an adapter (a
+  :class:`LoraFactors` by default) at each targeted kernel and ``None`` elsewhere. ``b``
+  starts at zero (for embeddings ``a`` does, as in PEFT), so the adapted model starts out
+  equal to the base model.
+
+  Pass the function and an example input, as to ``model.init(rng, x)``: it is traced once
+  (nothing is computed) and each targeted kernel's layout -- which axes are layers, fan-in
+  and fan-out -- is read off how the function uses it, so ``nn.scan``/``vmap`` stacks get one
+  adapter per layer, DenseGeneral/Einsum and ``(out, in)`` kernels get fan-in x fan-out
+  factors, convolutions in any dimension order work; ``"all-linear"`` is decided from the
+  trace (matmul weights, not embeddings, not the output layer).
 
   Args:
-    rng: a PRNG key.
-    params: any pytree of arrays (linen ``variables['params']``, an NNX ``State``, a dict).
+    rng: a PRNG key (``jax.random.key(0)``).
+    params: any pytree of arrays (linen variables, an NNX ``State``, a dict, an equinox
+      module, ...), the first argument of ``apply_fn``.
     spec: which kernels to adapt and how.
+    apply_fn: the function that uses ``params``: ``apply_fn(params, *example_args,
+      **example_kwargs)``. Without it, layouts come from ``spec.layout`` (a 2-D kernel
+      defaults to ``'io'``; a kernel of more axes must be stated).
+    *example_args, **example_kwargs: an example input (arrays or ``jax.ShapeDtypeStruct``;
+      only shapes and dtypes matter).
 
   Returns:
     The adapters tree.
 
   Raises:
+    TypeError: the arguments are in another order, or ``apply_fn`` is not callable.
     ValueError / TypeError: see :meth:`LoraSpec.resolve`.
 
+  >>> import flax.linen as nn
+  >>> model = nn.DenseGeneral((2, 3))
+  >>> x = jnp.ones((1, 4))
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> ad = init(jax.random.key(1), variables, LoraSpec(["params"], rank=2), model.apply, x)
+  >>> f = ad["params"]["kernel"]
+  >>> f.layout, f.a.shape, f.b.shape
+  ('ioo', (4, 2), (2, 2, 3))
   >>> params = {"dense": {"kernel": jnp.ones((3, 5)), "bias": jnp.zeros(5)}}
-  >>> ad = init(jax.random.key(0), params, LoraSpec(["dense"], rank=2))
+  >>> ad = init(jax.random.key(0), params, LoraSpec(["dense"], rank=2))  # 2-D: 'io'
   >>> ad["dense"]["kernel"].a.shape, ad["dense"]["kernel"].b.shape, ad["dense"]["bias"]
   ((3, 2), (2, 5), None)
   """
-  targets = {t.path: t for t in spec.resolve(params)}
+  _check_arguments("init", rng, params, spec, apply_fn)
+  return _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))
+
+
+def split(
+    rng: Array, params: PyTree, spec: LoraSpec, apply_fn: Callable[..., Any] | None = None,
+    *example_args: Any, **example_kwargs: Any,
+) -> tuple[PyTree, PyTree]:
+  """``(frozen, adapters)``: the base params (unchanged, never trained) and
+  ``init(rng, params, spec, apply_fn, *example_args, **example_kwargs)``.
+
+  ``split(params, spec, rng)``, the order before 0.2, still works and warns
+  (``DeprecationWarning``).
+
+  >>> frozen, ad = split(jax.random.key(0), {"w": {"kernel": jnp.ones((4, 4))}}, LoraSpec("w/kernel", rank=2))
+  >>> frozen["w"]["kernel"].shape, ad["w"]["kernel"].rank
+  ((4, 4), 2)
+  """
+  if isinstance(params, LoraSpec) and _is_key(spec) and apply_fn is None and not example_args and not example_kwargs:
+    warnings.warn(
+        "lora_jax.split(params, spec, rng) is deprecated: call lora_jax.split(rng, params, spec) "
+        "(the order of lora_jax.init and model.init), optionally followed by apply_fn and an "
+        "example input.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    rng, params, spec = spec, rng, params
+  _check_arguments("split", rng, params, spec, apply_fn)
+  return params, _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))
+
+
+def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) -> PyTree:
+  targets = {t.path: t for t in spec.resolve(params, trace)}
   keys = iter(jax.random.split(rng, max(len(targets), 1)))
   entries = []
   for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params, is_leaf=is_base_leaf)):
@@ -48,14 +108,50 @@ def init(rng: Array, params: PyTree, spec: LoraSpec) -> PyTree:
   return tree_from_entries(params, entries)
 
 
-def split(params: PyTree, spec: LoraSpec, rng: Array) -> tuple[PyTree, PyTree]:
-  """``(frozen, adapters)``: the base params (unchanged, never trained) and fresh adapters.
+def _trace(apply_fn, params, args, kwargs) -> KernelUses | None:
+  return None if apply_fn is None else trace_uses(apply_fn, params, *args, **kwargs)
 
-  >>> frozen, ad = split({"w": {"kernel": jnp.ones((4, 4))}}, LoraSpec("w/kernel", rank=2), jax.random.key(0))
-  >>> frozen["w"]["kernel"].shape, ad["w"]["kernel"].rank
-  ((4, 4), 2)
-  """
-  return params, init(rng, params, spec)
+
+def _is_key(x: Any) -> bool:
+  """A typed PRNG key (``jax.random.key``) or a raw ``uint32`` one (``jax.random.PRNGKey``)."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not hasattr(x, "shape"):
+    return False
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return dtype == np.uint32 and tuple(x.shape[-1:]) in ((2,), (4,))
+
+
+def _describe(x: Any) -> str:
+  if isinstance(x, LoraSpec):
+    return "spec"
+  if _is_key(x):
+    return "rng"
+  return "params"
+
+
+def _check_arguments(fn: str, rng: Any, params: Any, spec: Any, apply_fn: Any) -> None:
+  call = f"lora_jax.{fn}(rng, params, spec, apply_fn=None, *example_args)"
+  got = (rng, params, spec)
+  if not (_is_key(rng) and isinstance(spec, LoraSpec)):
+    if any(isinstance(x, LoraSpec) for x in got) and any(_is_key(x) for x in got):
+      raise TypeError(
+          f"{call}: the arguments are in another order: got ({', '.join(_describe(x) for x in got)}). "
+          f"Pass the PRNG key first, then the params pytree, then the LoraSpec: "
+          f"lora_jax.{fn}(jax.random.key(0), params, spec)."
+      )
+    if not isinstance(spec, LoraSpec):
+      raise TypeError(f"{call}: expected a LoraSpec as the third argument, got a {type(spec).__name__}.")
+    raise TypeError(
+        f"{call}: expected a PRNG key as the first argument, e.g. jax.random.key(0), got a "
+        f"{type(rng).__name__}."
+    )
+  if apply_fn is not None and not callable(apply_fn):
+    raise TypeError(
+        f"{call}: apply_fn must be the function that uses params, got a {type(apply_fn).__name__}. "
+        f"Pass the function before the example input, e.g. lora_jax.{fn}(rng, variables, spec, "
+        "model.apply, x)."
+    )
 
 
 def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Adapter | None]]:

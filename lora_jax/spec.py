@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -12,12 +13,18 @@ import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
 from lora_jax.kinds import Adapter, LoraFactors, kind_named
+from lora_jax.layout import KernelUses
 
 Targets = Union[str, Sequence[str], Callable[[str, Any], bool]]
 LayoutRule = Union[Mapping[str, str], Callable[[str, Any], Union[str, None]], None]
 
 ALL_LINEAR = "all-linear"
-_WEIGHT_NAMES = ("kernel", "embedding")
+# Leaf names that module-name targets select (with 2 or more axes): linen/NNX/HF Flax
+# 'kernel' and 'embedding', equinox/torch-style 'weight', haiku/Gemma-style 'w'; penzai's
+# '.../weights/value/data_array' and '.../embeddings/value/data_array' are matched by _PENZAI_WEIGHTS.
+WEIGHT_NAMES = ("kernel", "embedding", "weight", "w")
+_PENZAI_WEIGHTS = ("weights", "embeddings")
+_EMBEDDING_NAMES = ("embedding",)
 _HEAD_NAMES = ("lm_head", "output_embeddings")
 _MAX_RANK = 2**31 - 1
 
@@ -50,12 +57,29 @@ class LoraSpec:
   """Which parameters get LoRA adapters, and how.
 
   Args:
-    targets: ``"all-linear"`` (every ``kernel`` of Dense/DenseGeneral/Einsum layers, not
-      embeddings, convolutions or a final vocabulary projection ``lm_head``), a list of short
-      module names (``["query", "value"]`` adapts the ``kernel``/``embedding`` of every module
-      named so; ``"attn/query"`` names a module within a parent), a regular expression that
-      must fullmatch the '/'-joined path of each adapted leaf, or a callable
-      ``(path, leaf) -> bool``.
+    targets: which leaves get adapters.
+
+      * ``"all-linear"``: with the function (``lora_jax.init(rng, params, spec, apply_fn,
+        *args)``), every leaf the function consumes as a matmul weight (``dot_general``:
+        Dense, DenseGeneral, Einsum, ``x @ W.T``), except embeddings (leaves it looks up rows
+        of) and the output layer (the last matmul that every path to an output of the
+        function passes through: a vocabulary or classifier head, whatever its name; none
+        when a residual bypasses the last matmul). Convolutions are not "linear". Without
+        the function: every leaf named ``kernel`` with 2 or more axes, except under a module
+        whose name contains ``conv``, under ``lm_head``/``output_embeddings``, and the last
+        kernel in tree order when its fan-out equals an embedding's vocabulary size.
+      * a list of module names (``["query", "value"]``; ``"attn/query"`` names a module within
+        a parent): the weight leaves under every module of that name. A weight leaf has 2 or
+        more axes and is named ``kernel`` or ``embedding`` (linen, NNX, Hugging Face Flax),
+        ``weight`` (equinox, torch style), ``w`` (haiku/Gemma style) or is penzai's
+        ``.../weights/value/data_array``; with the function, also any leaf it reads as a
+        matmul, convolution or lookup operand.
+      * a regular expression that must fullmatch the '/'-joined path of each adapted leaf,
+        or a callable ``(path, leaf) -> bool``. These select exactly what they match: a
+        selected leaf with fewer than 2 axes (a norm scale, a bias) is an error naming it,
+        never skipped.
+
+      ``"all-linear"`` and module-name lists never select a leaf with fewer than 2 axes.
     rank: default rank ``r``.
     alpha: default ``lora_alpha``; the update is scaled by ``alpha / r``.
     rank_pattern: regex → rank overrides, matched like PEFT's (``(.*/)?(key)`` fullmatching
@@ -65,9 +89,9 @@ class LoraSpec:
     layout: how each kernel axis splits into ``'l'`` (a leading axis kept on both factors,
       e.g. the layer axis of ``nn.scan``), ``'i'`` (fan-in) and ``'o'`` (fan-out). A mapping of
       regex → layout string (e.g. ``{"layers/.*": "lio"}``) or a callable
-      ``(path, leaf) -> str | None``. By default a kernel is ``'i' * (ndim - 1) + 'o'``
-      (Dense ``(in, out)``, Conv ``(kh, kw, cin, cout)``, DenseGeneral ``(heads, dim, out)``)
-      and an embedding is ``'io'``. :func:`lora_jax.infer_layout` reads layouts off a model.
+      ``(path, leaf) -> str | None``; entries here win over inferred layouts. With the
+      function, every other layout is read off the trace (:func:`lora_jax.infer_layout`);
+      without it, a 2-D kernel is ``'io'`` and a kernel of more axes must be stated.
     dtype: dtype of the factors (float32 by default; ``None`` uses each kernel's dtype).
     kind: the adapter kind to create (:class:`lora_jax.LoraFactors`, plain LoRA, by default;
       any registered :class:`lora_jax.kinds.Adapter` subclass).
@@ -127,25 +151,41 @@ class LoraSpec:
   def scale_for(self, rank: int, alpha: float) -> float:
     return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
 
-  def resolve(self, params: Any) -> list[Target]:
+  def resolve(self, params: Any, trace: KernelUses | None = None) -> list[Target]:
     """The adapted leaves of ``params``, in tree order, with rank, alpha, scale and layout.
+
+    Args:
+      params: the params pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      trace: what :func:`lora_jax.layout.trace_uses` read off the function that uses
+        ``params`` (``lora_jax.init(rng, params, spec, apply_fn, *args)`` passes it). With
+        it, every layout the spec does not state comes from the trace, ``"all-linear"`` is
+        decided from the trace, and a leaf a lookup reads is an embedding. Without it, a
+        kernel of more than 2 axes needs a ``layout=`` entry.
 
     Raises:
       ValueError: a target, rank or alpha pattern that matches nothing, a rank larger than
-        ``min(fan_in, fan_out)``, or a bad layout; the message names the path or pattern.
+        ``min(fan_in, fan_out)``, a missing or bad layout; the message names the path or
+        pattern and the fix.
       TypeError: a targeted leaf that is not a floating-point array.
     """
     leaves = leaves_with_paths(params)
-    chosen = _select(self.targets, leaves)
+    if trace is not None and tuple(p for p, _ in leaves) != tuple(trace.paths):
+      raise ValueError(
+          "LoraSpec.resolve(params, trace=...): the trace was read off other params (its "
+          f"{len(trace.paths)} paths differ from these {len(leaves)}). Trace the function with "
+          "the same params tree."
+      )
+    chosen = _select(self.targets, leaves, trace)
+    weights = _weights_by_module(leaves, trace)
     used_rank, used_alpha = set(), set()
     out = []
     for path, leaf in leaves:
       if path not in chosen:
         continue
-      _check_adaptable(path, leaf)
+      _check_adaptable(path, leaf, weights)
       rank = _first_match(self.rank_pattern, path, used_rank, self.rank)
       alpha = _first_match(self.alpha_pattern, path, used_alpha, self.alpha)
-      layout = _layout_for(self.layout, path, leaf)
+      layout = _layout_for(self.layout, path, leaf, trace)
       target = Target(
           path=path,
           shape=tuple(leaf.shape),
@@ -154,16 +194,17 @@ class LoraSpec:
           alpha=float(alpha),
           scale=self.scale_for(int(rank), alpha),
           layout=layout,
-          is_embedding=path.split("/")[-1] == "embedding",
+          is_embedding=(path in trace.embeddings) if trace is not None else _leaf_name(path) in _EMBEDDING_NAMES,
           rslora=bool(self.rslora),
       )
       limit = min(target.fan_in, target.fan_out)
       if target.rank > limit:
         hint = (
             " If this kernel's axes split differently into fan-in and fan-out (e.g. a "
-            "DenseGeneral query kernel (embed, heads, head_dim) is 'ioo'), pass "
+            "DenseGeneral query kernel (embed, heads, head_dim) is 'ioo'), pass the function "
+            "to lora_jax.init so it reads the layout, or "
             f"layout={{{_module(path)!r}: ...}}."
-            if len(target.shape) > 2
+            if len(target.shape) > 2 and trace is None
             else ""
         )
         raise ValueError(
@@ -240,20 +281,75 @@ def _module(path: str) -> str:
   return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def _is_weight(path: str, leaf: Any) -> bool:
-  return path.split("/")[-1] in _WEIGHT_NAMES and getattr(leaf, "ndim", 0) >= 2
+def _leaf_name(path: str) -> str:
+  return path.rsplit("/", 1)[-1]
 
 
-def _select(targets: Targets, leaves: list[tuple[str, Any]]) -> set[str]:
+def _is_named_weight(path: str) -> bool:
+  """A leaf named as a weight by a known convention (see ``WEIGHT_NAMES``)."""
+  parts = path.split("/")
+  if parts[-1] in WEIGHT_NAMES:
+    return True
+  return len(parts) >= 3 and parts[-2:] == ["value", "data_array"] and parts[-3] in _PENZAI_WEIGHTS
+
+
+def _module_of(path: str) -> str:
+  """The module that holds a weight leaf (penzai's ``.../weights/value/data_array`` too)."""
+  parts = path.split("/")
+  if len(parts) >= 3 and parts[-2:] == ["value", "data_array"] and parts[-3] in _PENZAI_WEIGHTS:
+    return "/".join(parts[:-3])
+  return "/".join(parts[:-1])
+
+
+def _is_weight(path: str, leaf: Any, trace: KernelUses | None = None) -> bool:
+  """A leaf that module-name targets select: at least 2 axes, and named as a weight by a
+  known convention or (with a trace) read by a matmul, convolution or lookup."""
+  if getattr(leaf, "ndim", 0) < 2:
+    return False
+  return _is_named_weight(path) or (trace is not None and bool(trace.uses.get(path)))
+
+
+def _weights_by_module(leaves: list[tuple[str, Any]], trace: KernelUses | None) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for p, leaf in leaves:
+    if _is_weight(p, leaf, trace):
+      out.setdefault(_module_of(p), []).append(p)
+  return out
+
+
+def _module_names(modules: list[str]) -> list[str]:
+  """Every name a module-name target could use: each module's own name and its path."""
+  names = {part for m in modules for part in m.split("/") if part and not part.isdigit()}
+  return sorted(names) + sorted(set(modules) - names)
+
+
+def _suggest(name: str, names: list[str], n: int = 8) -> str:
+  """The names closest to ``name`` first, then others, up to ``n`` (for error messages)."""
+  close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+  shown = close + [x for x in names if x not in close][: max(n - len(close), 0)]
+  more = f" (of {len(names)})" if len(names) > len(shown) else ""
+  return ", ".join(repr(x) for x in shown) + more
+
+
+def _select(targets: Targets, leaves: list[tuple[str, Any]], trace: KernelUses | None = None) -> set[str]:
   paths = [p for p, _ in leaves]
-  weights = [p for p, leaf in leaves if _is_weight(p, leaf)]
   if isinstance(targets, str) and targets == ALL_LINEAR:
-    vocab = {leaf.shape[0] for p, leaf in leaves if p.split("/")[-1] == "embedding" and _is_weight(p, leaf)}
+    if trace is not None:
+      chosen = set(trace.linear())
+      if not chosen:
+        raise ValueError(
+            "LoraSpec(targets='all-linear') matched no kernel: it adapts every leaf the function "
+            "consumes as a matmul weight (dot_general), except embeddings (leaves it looks up "
+            f"rows of: {sorted(trace.embeddings)}) and the output layer "
+            f"({sorted(trace.output_layers)}). Name the targets instead, e.g. a list of module names."
+        )
+      return chosen
+    vocab = {leaf.shape[0] for p, leaf in leaves if _leaf_name(p) == "embedding" and getattr(leaf, "ndim", 0) >= 2}
     last = _last_kernel(leaves)
     chosen = {
         p
         for p, leaf in leaves
-        if p.split("/")[-1] == "kernel"
+        if _leaf_name(p) == "kernel"
         and getattr(leaf, "ndim", 0) >= 2
         and not any(part in _HEAD_NAMES for part in p.split("/"))
         and not any("conv" in part.lower() for part in p.split("/")[:-1])
@@ -261,8 +357,10 @@ def _select(targets: Targets, leaves: list[tuple[str, Any]]) -> set[str]:
     }
     if not chosen:
       raise ValueError(
-          "LoraSpec(targets='all-linear') matched no kernel: it adapts leaves named 'kernel' "
-          f"with ndim >= 2 outside conv modules and the vocabulary head. Paths: {nearby('kernel', paths)}."
+          "LoraSpec(targets='all-linear') matched no kernel: without the function it adapts "
+          "leaves named 'kernel' with ndim >= 2 outside conv modules and the vocabulary head. "
+          "Pass the function and an example input, lora_jax.init(rng, params, spec, apply_fn, "
+          f"*example_args), to decide it from the trace. Paths: {nearby('kernel', paths)}."
       )
     return chosen
   if isinstance(targets, str):
@@ -282,22 +380,32 @@ def _select(targets: Targets, leaves: list[tuple[str, Any]]) -> set[str]:
     if not chosen:
       raise ValueError(f"LoraSpec(targets={targets!r}): the callable selected no parameter.")
     return chosen
+  weights = [p for p, leaf in leaves if _is_weight(p, leaf, trace)]
   chosen = set()
   for name in targets:
     parts = name.strip("/").split("/")
-    hits = {p for p in weights if _contains(p.split("/")[:-1], parts)}
+    hits = {p for p in weights if _contains(_module_of(p).split("/"), parts)}
     if not hits:
-      modules = sorted({_module(p) for p in weights})
+      modules = sorted({_module_of(p) for p in weights})
+      if modules:
+        near = f"Module names that hold weights, nearest first: {_suggest(name, _module_names(modules))}."
+      else:
+        near = (
+            "No leaf of these params is a weight by name (" + ", ".join(f"'{n}'" for n in WEIGHT_NAMES)
+            + ", penzai's '.../weights/value/data_array') with 2 or more axes"
+            + ("" if trace is not None else "; pass the function to lora_jax.init to find weights by use")
+            + f". Paths: {nearby(name, paths)}."
+        )
       raise ValueError(
-          f"LoraSpec(targets=[..., {name!r}, ...]): no module named {name!r} holds a kernel or "
-          f"embedding. Modules near it: {nearby(name, modules)}."
+          f"LoraSpec(targets=[..., {name!r}, ...]): no module named {name!r} holds a weight "
+          f"(a kernel, embedding or weight leaf with 2 or more axes). {near}"
       )
     chosen |= hits
   return chosen
 
 
 def _last_kernel(leaves: list[tuple[str, Any]]) -> str | None:
-  kernels = [p for p, leaf in leaves if p.split("/")[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2]
+  kernels = [p for p, leaf in leaves if _leaf_name(p) == "kernel" and getattr(leaf, "ndim", 0) >= 2]
   return kernels[-1] if kernels else None
 
 
@@ -306,7 +414,21 @@ def _contains(seq: list[str], sub: list[str]) -> bool:
   return any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
 
 
-def _check_adaptable(path: str, leaf: Any) -> None:
+def _instead(path: str, weights: dict[str, list[str]]) -> str:
+  """The fix for a targeted non-weight leaf: its module's weight leaves, if it has any."""
+  siblings = weights.get(_module_of(path)) or weights.get(_module(path))
+  if siblings:
+    return f"Target {' or '.join(repr(s) for s in siblings)} instead."
+  names = sorted({_leaf_name(p) for ps in weights.values() for p in ps})
+  example = f" (here: {', '.join(repr(n) for n in names[:4])})" if names else ""
+  return (
+      "Narrow the targets to weight leaves with 2 or more axes, e.g. a regex that ends in the "
+      f"weight leaf's name{example} or a module-name list."
+  )
+
+
+def _check_adaptable(path: str, leaf: Any, weights: dict[str, list[str]] | None = None) -> None:
+  weights = weights or {}
   shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
   if shape is None or dtype is None:
     raise TypeError(
@@ -318,16 +440,16 @@ def _check_adaptable(path: str, leaf: Any) -> None:
         f"{path!r}: targeted kernel has dtype {dtype}; LoRA needs a floating-point kernel "
         "(quantised/integer kernels are not supported yet)."
     )
-  if path.split("/")[-1] == "bias":
+  if _leaf_name(path) == "bias":
     raise ValueError(
         f"{path!r}: targeted leaf is a bias of shape {tuple(shape)}; LoRA adapts kernels, not "
-        f"biases. Narrow the target so it selects '{_module(path)}/kernel' only."
+        f"biases. {_instead(path, weights)}"
     )
   if len(shape) < 2:
     raise ValueError(
         f"{path!r}: targeted leaf has shape {tuple(shape)}; LoRA adapts kernels with at least "
-        f"2 axes. Did the target also select a norm scale or bias? Target "
-        f"'{_module(path)}/kernel' instead."
+        f"2 axes (a regex or callable target must not select a norm scale or bias). "
+        f"{_instead(path, weights)}"
     )
 
 
@@ -345,20 +467,45 @@ def _first_match(pattern: Mapping[str, Any] | None, path: str, used: set, defaul
 
 
 def default_layout(path: str, ndim: int) -> str:
-  """The layout used when the spec names none: fan-out is the last axis."""
-  return "i" * (ndim - 1) + "o"
+  """The layout of a kernel the spec names none for, without the function: ``'io'`` for a
+  2-D kernel (``(in, out)``, as Dense); a kernel of more axes has none (it is an error).
+
+  >>> default_layout("dense/kernel", 2)
+  'io'
+  """
+  if ndim != 2:
+    raise ValueError(
+        f"{path!r}: a kernel with {ndim} axes has no default layout: its leading (layer), "
+        "fan-in and fan-out axes cannot be told apart without seeing how it is used. Pass the "
+        "function and an example input, lora_jax.init(rng, params, spec, apply_fn, "
+        "*example_args), to read it off the trace, or state it: "
+        f"LoraSpec(..., layout={{{_module_of(path) or path!r}: ...}}), e.g. 'lio' for a "
+        "stacked (layers, in, out) kernel, 'ioo' for a DenseGeneral (in, heads, dim) kernel, "
+        "'iiio' for a linen Conv (h, w, in, out) kernel."
+    )
+  return "io"
 
 
-def _layout_for(rule: LayoutRule, path: str, leaf: Any) -> str:
+def _layout_for(rule: LayoutRule, path: str, leaf: Any, trace: KernelUses | None = None) -> str:
   ndim = leaf.ndim
   layout = None
   if callable(rule):
     layout = rule(path, leaf)
   elif rule:
     for key, value in rule.items():
-      if path == key or _matches(key, path):
+      # Also against the module of a penzai weight ('.../query' for '.../query/weights/value/data_array').
+      if path == key or _matches(key, path) or re.fullmatch(rf"(?:.*/)?(?:{key})", _module_of(path)):
         layout = value
         break
+  if layout is None and trace is not None:
+    layout = trace.layouts.get(path)
+    if layout is None:
+      raise ValueError(
+          f"{path!r}: its layout could not be read off the function: {trace.why_no_layout(path)}. "
+          f"State it, LoraSpec(..., layout={{{_module_of(path) or path!r}: {'l' * (ndim - 2) + 'io'!r}}}) "
+          "(one letter per axis: 'l' layer, 'i' fan-in, 'o' fan-out), or leave this leaf out "
+          "of the targets."
+      )
   if layout is None:
     layout = default_layout(path, ndim)
   if (

@@ -109,9 +109,9 @@ CASES = [
     ("einsum", One(nn.Einsum((3, 4, 5), "bi,ihd->bhd")), jnp.ones((2, 3)),
      LoraSpec(["layer"], rank=2, layout={"layer": "ioo"}), "layer/kernel",
      lambda a, b: np.einsum("ir,rhd->ihd", a, b)),
-    ("conv1d", One(nn.Conv(4, (3,))), jnp.ones((1, 8, 2)), LoraSpec(["layer"], rank=2),
+    ("conv1d", One(nn.Conv(4, (3,))), jnp.ones((1, 8, 2)), LoraSpec(["layer"], rank=2, layout={"layer": "iio"}),
      "layer/kernel", lambda a, b: np.einsum("kcr,ro->kco", a, b)),
-    ("conv2d", One(nn.Conv(4, (3, 3))), jnp.ones((1, 8, 8, 2)), LoraSpec(["layer"], rank=3),
+    ("conv2d", One(nn.Conv(4, (3, 3))), jnp.ones((1, 8, 8, 2)), LoraSpec(["layer"], rank=3, layout={"layer": "iiio"}),
      "layer/kernel", lambda a, b: np.einsum("hwcr,ro->hwco", a, b)),
     ("embed", One(nn.Embed(10, 6)), jnp.ones((2,), jnp.int32),
      LoraSpec(["layer"], rank=2, layout={"layer": "io"}), "layer/embedding", lambda a, b: a @ b),
@@ -241,7 +241,7 @@ def test_dtypes_preserved():
 def test_split_is_params_and_init():
   params = {"w": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
   spec = LoraSpec(["w"], rank=2)
-  frozen, ad = lora_jax.split(params, spec, jax.random.key(3))
+  frozen, ad = lora_jax.split(jax.random.key(3), params, spec)
   assert frozen is params
   want = lora_jax.init(jax.random.key(3), params, spec)
   assert jax.tree.structure(ad) == jax.tree.structure(want)

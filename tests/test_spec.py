@@ -14,7 +14,9 @@ import lora_jax
 from lora_jax import LoraFactors, LoraSpec
 
 VOCAB, DIM, HEADS, HIDDEN = 50, 16, 4, 32
-QKV_LAYOUT = {"query|key|value": "ioo"}  # DenseGeneral (embed, heads, head_dim)
+# DenseGeneral (embed, heads, head_dim) and (heads, head_dim, embed): 3-D kernels need a layout
+# without the function (tests/test_init_trace.py reads them off the model instead).
+QKV_LAYOUT = {"query|key|value": "ioo", "out": "iio"}
 
 
 class Attention(nn.Module):
@@ -113,18 +115,26 @@ def test_layouts_fans_and_defaults(params):
   by_path = {t.path: t for t in LoraSpec("all-linear", rank=4, layout=QKV_LAYOUT).resolve(params)}
   q, o, fc1 = (by_path[f"layers_0/{m}/kernel"] for m in ("attn/query", "attn/out", "mlp/fc1"))
   assert (q.layout, q.shape, q.fan_in, q.fan_out) == ("ioo", (DIM, HEADS, DIM // HEADS), DIM, DIM)
-  assert (o.layout, o.fan_in, o.fan_out) == ("iio", DIM, DIM)  # default: fan-out is last
+  assert (o.layout, o.fan_in, o.fan_out) == ("iio", DIM, DIM)
   assert (fc1.layout, fc1.fan_in, fc1.fan_out) == ("io", DIM, HIDDEN)
   assert not fc1.is_embedding
   (emb,) = LoraSpec(["embed"], rank=4).resolve(params)
   assert (emb.layout, emb.is_embedding, emb.shape) == ("io", True, (VOCAB, DIM))
-  # A callable layout rule; None falls back to the default.
-  rule = lambda path, leaf: "ioo" if "/attn/" in path and leaf.ndim == 3 and "out" not in path else None
-  got = {t.path: t.layout for t in LoraSpec(["layers_0/attn"], rank=4, layout=rule).resolve(params)}
+  # A callable layout rule; None falls back to the default, 'io' for a 2-D kernel.
+  rule = lambda path, leaf: ("ioo" if "out" not in path else "iio") if leaf.ndim == 3 else None
+  got = {t.path: t.layout for t in LoraSpec(["layers_0/attn", "layers_0/mlp/fc1"], rank=4, layout=rule).resolve(params)}
   assert got == {
       "layers_0/attn/query/kernel": "ioo", "layers_0/attn/key/kernel": "ioo",
       "layers_0/attn/value/kernel": "ioo", "layers_0/attn/out/kernel": "iio",
+      "layers_0/mlp/fc1/kernel": "io",
   }
+
+
+def test_kernel_of_more_than_two_axes_needs_a_layout_without_the_function(params):
+  with pytest.raises(ValueError, match=r"'layers_0/attn/query/kernel': a kernel with 3 axes has no default layout.*lora_jax.init\(rng, params, spec, apply_fn, \*example_args\).*layout=\{'layers_0/attn/query': \.\.\.\}.*'ioo' for a DenseGeneral"):
+    LoraSpec(["query"], rank=2).resolve(params)
+  with pytest.raises(ValueError, match=r"'layers_0/attn/out/kernel': a kernel with 3 axes has no default layout"):
+    LoraSpec("all-linear", rank=2, layout={"query|key|value": "ioo"}).resolve(params)
 
 
 def test_rank_and_alpha_patterns_first_match_wins(params):
@@ -164,7 +174,7 @@ def test_resolve_works_on_abstract_params():
 
 
 def test_target_matching_nothing_lists_nearby(params):
-  with pytest.raises(ValueError, match=r"no module named 'quey'.*Modules near it: .*'layers_\d/attn/query'"):
+  with pytest.raises(ValueError, match=r"no module named 'quey' holds a weight.*Module names that hold weights, nearest first: 'query'"):
     LoraSpec(["query", "quey"]).resolve(params)
   with pytest.raises(ValueError, match=r"targets='layers_0/atn/query/kernel'\) matches no parameter path.*Paths near it: 'layers_0/attn/query/kernel'"):
     LoraSpec("layers_0/atn/query/kernel").resolve(params)
@@ -177,9 +187,9 @@ def test_target_matching_nothing_lists_nearby(params):
 def test_rank_too_large(params):
   with pytest.raises(ValueError, match=r"'layers_0/mlp/fc1/kernel': rank 17 exceeds min\(fan_in, fan_out\) = min\(16, 32\) = 16.*rank_pattern=\{'layers_0/mlp/fc1': 16\}"):
     LoraSpec(["fc1"], rank=17).resolve(params)
-  # A DenseGeneral query kernel under the default layout 'iio' has fan-out head_dim = 4.
-  with pytest.raises(ValueError, match=r"'layers_0/attn/query/kernel': rank 8 exceeds .* min\(64, 4\) = 4 .*layout 'iio'.*pass layout=\{'layers_0/attn/query'"):
-    LoraSpec(["query"], rank=8).resolve(params)
+  # A DenseGeneral query kernel stated as 'iio' has fan-out head_dim = 4.
+  with pytest.raises(ValueError, match=r"'layers_0/attn/query/kernel': rank 8 exceeds .* min\(64, 4\) = 4 .*layout 'iio'.*pass the function to lora_jax.init so it reads the layout, or layout=\{'layers_0/attn/query'"):
+    LoraSpec(["query"], rank=8, layout={"query": "iio"}).resolve(params)
 
 
 def test_rank_pattern_overrides_too_large(params):

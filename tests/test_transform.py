@@ -127,7 +127,8 @@ def test_conv(kernel, strides, shape):
   model = nn.Conv(5, kernel, strides=strides, padding="SAME")
   x = jax.random.normal(jax.random.key(3), shape)
   v = model.init(jax.random.key(0), x)
-  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=2), x)
+  layout = {"params/kernel": "i" * (len(kernel) + 1) + "o"}  # (*window, in, out)
+  _, rep = check_equivalent(model.apply, v, LoraSpec("params/kernel", rank=2, layout=layout), x)
   all_factored(rep)
 
 
@@ -240,24 +241,25 @@ def test_scanned_remat_stack():
 
 
 def test_scanned_stack_with_shared_factor_axis():
-  # Default layout 'iio' on a stacked (L, in, out) kernel: the scanned axis is a fan-in axis
+  # Layout 'iio' on a stacked (L, in, out) kernel: the scanned axis is a fan-in axis
   # of ``a`` and ``b`` is shared across layers. Unusual, but it must stay exact.
   model = Stack(n=3)
   v = model.init(jax.random.key(0), X)
+  spec = LoraSpec("params/layers/up/kernel", rank=2, layout={"params/layers/up/kernel": "iio"})
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", lora_jax.LoraLayoutWarning)
-    _, rep = check_equivalent(model.apply, v, LoraSpec("params/layers/up/kernel", rank=2), X)
+    _, rep = check_equivalent(model.apply, v, spec, X)
   all_factored(rep)
   assert "scan slices the kernel along an axis marked 'i'" in rep.layout_notes["params/layers/up/kernel"]
-  ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/layers/up/kernel", rank=2))
+  ad = lora_jax.init(jax.random.key(1), v, spec)
   with pytest.warns(lora_jax.LoraLayoutWarning, match="'params/layers/up/kernel': its layout 'iio' looks wrong"):
     lora_jax.wrap(model.apply)(v, ad, X)
 
 
 def test_dense_general_default_layout_is_flagged():
-  model = nn.DenseGeneral((4, 3))  # kernel (in, heads, dim): default layout 'iio' splits it oddly
+  model = nn.DenseGeneral((4, 3))  # kernel (in, heads, dim): layout 'iio' splits it oddly
   v = model.init(jax.random.key(0), X)
-  ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=2))
+  ad = lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=2, layout={"params/kernel": "iio"}))
   rep = lora_jax.explain(model.apply, v, ad, X)
   assert "contracts kernel-view axes [0] but leaves axes [1]" in rep.layout_notes["params/kernel"]
   assert "LAYOUT?" in str(rep)

@@ -4,7 +4,6 @@ names of other conventions; argument order. Shapes only where possible (eval_sha
 from __future__ import annotations
 
 import re
-
 import warnings
 
 import flax.linen as nn
@@ -318,7 +317,10 @@ def test_explain_shows_layouts():
   model = nn.DenseGeneral((2, 4))
   v = model.init(jax.random.key(0), X)
   ad = lora_jax.init(jax.random.key(1), v, LoraSpec(["params"], rank=2), model.apply, X)
-  assert re.search(r"params/kernel +ioo +dot_general: factored", str(lora_jax.explain(model.apply, v, ad, X)))
+  report = lora_jax.explain(model.apply, v, ad, X)
+  assert report.layouts == {"params/kernel": "ioo"}
+  assert re.search(r"^path +layout +use$", str(report), re.M)
+  assert re.search(r"^params/kernel +ioo +dot_general: factored$", str(report), re.M)
 
 
 def test_wrap_warns_for_a_transposed_2d_use():

@@ -281,7 +281,7 @@ def test_refusals(tmp_path):
 
 def test_export_refusals(tmp_path):
   params = {"attn": {"kernel": jnp.ones((2, 4, 8))}, "dense": {"kernel": jnp.ones((4, 8))}}
-  ad = _random_adapters(params, lora_jax.LoraSpec(["attn"], rank=2))
+  ad = _random_adapters(params, lora_jax.LoraSpec(["attn"], rank=2, layout={"attn": "iio"}))
   with pytest.raises(ValueError, match="layout 'iio' has no PEFT equivalent"):
     export_peft(tmp_path, ad, [(r"attn/kernel", "attn")])
   ad = _random_adapters(params, lora_jax.LoraSpec(["dense"], rank=2))

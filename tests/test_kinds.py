@@ -238,7 +238,7 @@ def test_a_base_leaf_is_one_leaf_and_is_dequantized_at_the_use():
 
 
 def _check_wrap(fn, params, spec, *args, rtol=2e-5, expect=("factored",)):
-  ad = _random(lora_jax.init(jax.random.key(1), params, spec), std=0.5)
+  ad = _random(lora_jax.init(jax.random.key(1), params, spec, fn, *args), std=0.5)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     y = jax.jit(lora_jax.wrap(fn))(params, ad, *args)

@@ -36,20 +36,27 @@ from jax.extend import core as jex
 
 from lora_jax._jaxpr import join_static, open_jaxpr, scan_counts, split_static
 from lora_jax._paths import leaves_with_paths
+from lora_jax.interpret.core import CALL_PRIMITIVES as _WRAP_CALLS
+from lora_jax.interpret.core import REMAT_PRIMITIVES as _WRAP_REMATS
+from lora_jax.interpret.core import VIEW_PRIMITIVES as _WRAP_VIEWS
+from lora_jax.interpret.sites import CONSUMERS as _WRAP_CONSUMERS
 
 PyTree = Any
 
+# One table of primitives with the transform (lora_jax.interpret). The trace follows a kernel
+# through a few ops more than wrap factors through, because it only reads axes: a
+# reduce_precision keeps the kernel's axes (wrap materialises there: rounding W + dW is not
+# rounding W plus dW), and the body of a custom-derivative function or a shard_map shows how
+# the kernel is used (wrap materialises there to keep the custom rule).
 # Ops that give a view of a kernel (the same numbers, rearranged).
 SAME_AXES_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p", "slice", "dynamic_slice", "reduce_precision"})
-VIEW_PRIMITIVES = SAME_AXES_PRIMITIVES | {"transpose", "squeeze", "broadcast_in_dim", "reshape"}
+VIEW_PRIMITIVES = _WRAP_VIEWS | {"reduce_precision"}
+assert SAME_AXES_PRIMITIVES <= VIEW_PRIMITIVES
 # Ops where a kernel is consumed as a weight / table, and what each reads it as.
-CONSUMER_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "gather"})
+CONSUMER_PRIMITIVES = frozenset(_WRAP_CONSUMERS)
 MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 # Higher-order primitives whose one sub-jaxpr takes the equation's inputs and gives its outputs.
-CALL_PRIMITIVES = frozenset(
-    {"pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint", "remat", "custom_jvp_call",
-     "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map"}
-)
+CALL_PRIMITIVES = _WRAP_CALLS | _WRAP_REMATS | {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map"}
 BRANCH_PRIMITIVES = frozenset({"cond"})
 LOOP_PRIMITIVES = frozenset({"scan", "while"})
 

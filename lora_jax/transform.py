@@ -79,6 +79,14 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
   return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs), report
 
 
+def _is_nnx_module(fn: Any) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax is a dependency
+    return False
+  return isinstance(fn, nnx.Module)
+
+
 def wrap(
     apply_fn: Callable[..., Any], *, mode: str = "factored", fallback: str = "warn", group: bool = True
 ) -> Callable[..., Any]:
@@ -116,6 +124,12 @@ def wrap(
   >>> bool(jnp.allclose(y, model.apply(variables, jnp.ones((2, 4)))))  # b = 0 at init
   True
   """
+  if _is_nnx_module(apply_fn):
+    raise TypeError(
+        f"wrap({type(apply_fn).__name__}(...)): an NNX module is not an apply function of a params "
+        "tree. Split it first: apply_fn, params, rest = lora_jax.from_nnx(module); then "
+        "lora_jax.wrap(apply_fn)(params, adapters, *args)."
+    )
   if mode not in ("factored", "merged"):
     raise ValueError(f"wrap(mode={mode!r}): expected 'factored' or 'merged'.")
   if fallback not in FALLBACK_MODES:

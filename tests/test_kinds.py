@@ -310,3 +310,14 @@ def test_transposed_use_of_a_2d_kernel_warns():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     lora_jax.wrap(tied)(emb, ad, jnp.array([1, 4]))
+
+
+def test_wrap_refuses_an_nnx_module_and_points_to_from_nnx():
+  from flax import nnx
+
+  module = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"wrap\(Linear\(...\)\): an NNX module is not an apply function .* lora_jax.from_nnx\(module\)"):
+    lora_jax.wrap(module)
+  apply_fn, params, _ = lora_jax.from_nnx(module)
+  ad = lora_jax.init(jax.random.key(1), params, LoraSpec("kernel", rank=2), apply_fn, X)
+  assert lora_jax.wrap(apply_fn)(params, ad, X).shape == (4, 3)

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.adapters import check_adapters
 from lora_jax._paths import tree_from_entries
-from lora_jax.kinds import Adapter, LoraFactors, is_adapter_or_none, kernel_labels, leaf_labels
+from lora_jax.kinds import is_adapter_or_none, kernel_labels, leaf_labels
 
 PyTree = Any
 

@@ -167,12 +167,15 @@ class DotSite(Site):
     want = self.batch + (tfree + xfree if self.t_is_lhs else xfree + tfree)
     return jnp.transpose(out, [ol.index(c) for c in want])
 
+  def group_operand(self) -> tuple[Array, list]:
+    """The kind's group leaf (roles ``'lir'``) in the op's dtype, with its labels."""
+    return self.group_leaf().astype(self.t.dtype), self.labels_of(leaf_labels("lir", self.t.adapter.layout))
+
   def group_key(self) -> tuple | None:
     """What two sites must share for their first products to be one matmul, or None."""
-    leaf = self.group_leaf()
-    if not self.ok or self.first != "i" or leaf is None:
+    if not self.ok or self.first != "i" or self.group_leaf() is None:
       return None
-    f1, l1, _, _ = self.first_operand(leaf, leaf)
+    f1, l1 = self.group_operand()
     if not all(lab == "r" or lab[0] == "x" for lab in l1):
       return None
     return (tuple(l1), f1.dtype, self.precision, tuple(n for lab, n in zip(l1, f1.shape) if lab != "r"))
@@ -181,7 +184,7 @@ class DotSite(Site):
 def grouped_first_products(sites: Sequence[DotSite]) -> list[tuple[Array, list]]:
   """The first products of ``sites`` (same ``x``, same :meth:`DotSite.group_key`) as one
   matmul over their group leaves concatenated along the rank axis, split back per site."""
-  firsts = [s.first_operand(s.group_leaf(), s.group_leaf())[:2] for s in sites]
+  firsts = [s.group_operand() for s in sites]
   l1 = firsts[0][1]
   r_axis = l1.index("r")
   f1 = jnp.concatenate([f for f, _ in firsts], axis=r_axis)

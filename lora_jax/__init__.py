@@ -1,7 +1,7 @@
 """lora_jax: functional LoRA for JAX and Flax."""
 
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
-from lora_jax.kinds import LoraFactors
+from lora_jax.kinds import DoraFactors, LoraFactors
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
 from lora_jax.layout import infer_layout
@@ -27,6 +27,7 @@ __all__ = [
     "AdapterFileError",
     "check_adapters",
     "count",
+    "DoraFactors",
     "explain",
     "export_peft",
     "freeze_base",

@@ -13,6 +13,7 @@ import numpy as np
 from lora_jax.bases import dense, is_base_leaf
 from lora_jax._paths import align, path_str, tree_from_entries
 from lora_jax.kinds import Adapter, LoraFactors, is_adapter, is_adapter_or_none
+from lora_jax.kinds.inits import changes_base
 from lora_jax.layout import KernelUses, trace_uses
 from lora_jax.spec import LoraSpec, Target
 
@@ -68,7 +69,13 @@ def init(
   ((3, 2), (2, 5), None)
   """
   _check_arguments("init", rng, params, spec, apply_fn)
-  return _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))
+  if changes_base(spec.init):
+    raise ValueError(
+        f"lora_jax.init: LoraSpec(init={spec.init!r}) replaces each adapted kernel by its "
+        "residual W - scale * a @ b, so the adapters only fit the new base. Call "
+        "base, adapters = lora_jax.split(rng, params, spec, ...) and train on that base."
+    )
+  return _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))[1]
 
 
 def split(
@@ -95,17 +102,60 @@ def split(
     )
     rng, params, spec = spec, rng, params
   _check_arguments("split", rng, params, spec, apply_fn)
-  return params, _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))
+  return _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))
 
 
-def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) -> PyTree:
+def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) -> tuple[PyTree, PyTree]:
+  """``(base, adapters)``: the base is ``params`` with the kernels a base-changing init replaced."""
   targets = {t.path: t for t in spec.resolve(params, trace)}
   keys = iter(jax.random.split(rng, max(len(targets), 1)))
-  entries = []
+  entries, base, new_kernels = [], [], []
   for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params, is_leaf=is_base_leaf)):
     t = targets.get(path)
-    entries.append(None if t is None else spec.kind.init(next(keys), t, spec.dtype or leaf.dtype))
-  return tree_from_entries(params, entries)
+    if t is None:
+      entries.append(None)
+      base.append(leaf)
+      continue
+    w = dense(leaf) if _has_values(leaf) else None
+    made = _kind_init(spec.kind, next(keys), t, spec.dtype or leaf.dtype, w)
+    f, new_w = made if isinstance(made, tuple) else (made, None)
+    if new_w is not None and is_base_leaf(leaf):
+      raise ValueError(
+          f"{path!r}: init={t.init!r} replaces the base kernel, which here is a "
+          f"{type(leaf).__name__}; start from a dense kernel (quantize after split)."
+      )
+    entries.append(f)
+    new_kernels.append(new_w)
+    base.append(leaf if new_w is None else _like(new_w, leaf))
+  changed = any(n is not None for n in new_kernels)
+  return (tree_from_entries(params, base) if changed else params), tree_from_entries(params, entries)
+
+
+def _kind_init(kind: type[Adapter], key: Array, target: Target, dtype: Any, w: Array | None):
+  import inspect
+
+  try:
+    takes_w = "w" in inspect.signature(kind.init).parameters
+  except (TypeError, ValueError):  # pragma: no cover - a builtin
+    takes_w = True
+  if takes_w:
+    return kind.init(key, target, dtype, w=w)
+  if target.init != "peft":  # a kind written before 0.3 starts its factors its own way
+    raise ValueError(f"{target.path!r}: LoraSpec(init={target.init!r}) needs a kind whose init takes the kernel (w=); {kind.__name__}.init does not.")
+  return kind.init(key, target, dtype)
+
+
+def _has_values(leaf: Any) -> bool:
+  return is_base_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def _like(new_w: Array, leaf: Any) -> Array:
+  """``new_w`` in ``leaf``'s dtype, on ``leaf``'s devices (sharding kept) when it has them."""
+  new_w = jnp.asarray(new_w, leaf.dtype)
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is not None and not isinstance(new_w, jax.core.Tracer):
+    new_w = jax.device_put(new_w, sharding)
+  return new_w
 
 
 def _trace(apply_fn, params, args, kwargs) -> KernelUses | None:
@@ -193,7 +243,13 @@ def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Ada
 def _apply(params: PyTree, adapters: PyTree, how: str) -> PyTree:
   rows = check_adapters(params, adapters)
   # A base leaf (e.g. a quantized kernel) merges into a dense kernel of its dtype.
-  return tree_from_entries(params, [leaf if f is None else getattr(f, how)(dense(leaf)) for _, leaf, f in rows])
+  out = []
+  for path, leaf, f in rows:
+    try:
+      out.append(leaf if f is None else getattr(f, how)(dense(leaf)))
+    except ValueError as e:
+      raise ValueError(f"{path!r}: {e}") from None
+  return tree_from_entries(params, out)
 
 
 def merge(params: PyTree, adapters: PyTree) -> PyTree:

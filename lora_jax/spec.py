@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
-from lora_jax.kinds import Adapter, LoraFactors, kind_named
+from lora_jax.kinds import Adapter, LoraFactors, kind_named, registered_kinds
+from lora_jax.kinds.inits import check_init_name, check_init_target
 from lora_jax.layout import KernelUses
 
 Targets = Union[str, Sequence[str], Callable[[str, Any], bool]]
@@ -42,6 +43,8 @@ class Target:
   layout: str
   is_embedding: bool
   rslora: bool = False
+  init: str = "peft"
+  dropout: float = 0.0
 
   @property
   def fan_in(self) -> int:
@@ -93,8 +96,18 @@ class LoraSpec:
       function, every other layout is read off the trace (:func:`lora_jax.infer_layout`);
       without it, a 2-D kernel is ``'io'`` and a kernel of more axes must be stated.
     dtype: dtype of the factors (float32 by default; ``None`` uses each kernel's dtype).
-    kind: the adapter kind to create (:class:`lora_jax.LoraFactors`, plain LoRA, by default;
-      any registered :class:`lora_jax.kinds.Adapter` subclass).
+    kind: the adapter kind to create: :class:`lora_jax.LoraFactors` (plain LoRA, the
+      default), :class:`lora_jax.DoraFactors` (DoRA), any registered
+      :class:`lora_jax.kinds.Adapter` subclass, or its registered name (``"lora"``, ``"dora"``).
+    init: how the factors start (PEFT's ``init_lora_weights``): ``"peft"`` (kaiming-uniform
+      ``a``, zero ``b``; for embeddings zero ``a``, normal ``b``), ``"gaussian"`` (normal
+      ``a`` with std ``1/r``, zero ``b``), ``"pissa"`` (the top-``r`` singular vectors of each
+      kernel; the base becomes the residual), ``"pissa_niter_K"`` (the same from a randomized
+      SVD with ``K`` power iterations) or ``"olora"`` (QR-based; also changes the base). Inits
+      that change the base need :func:`lora_jax.split`, which returns the new base.
+    dropout: PEFT's ``lora_dropout``: the probability of zeroing an input element of the
+      adapter path (``dropout(x) @ a @ b``; the base path is untouched) when the wrapped call
+      is given ``lora_dropout_rng=key``; in ``[0, 1)``.
 
   >>> spec = LoraSpec(["query", "value"], rank=4, alpha=8)
   >>> spec.rank, spec.alpha
@@ -109,9 +122,21 @@ class LoraSpec:
   rslora: bool = False
   layout: LayoutRule = None
   dtype: Any = jnp.float32
-  kind: type[Adapter] = LoraFactors
+  kind: type[Adapter] | str = LoraFactors
+  init: str = "peft"
+  dropout: float = 0.0
 
   def __post_init__(self):
+    if isinstance(self.kind, str):
+      found = kind_named(self.kind)
+      if found is None:
+        raise ValueError(
+            f"LoraSpec(kind={_short(self.kind)}): no adapter kind of that name; registered kinds: "
+            f"{sorted(registered_kinds())}."
+        )
+      object.__setattr__(self, "kind", found)
+    check_init_name(f"LoraSpec(init={_short(self.init)})", self.init)
+    _check_dropout(f"dropout={_short(self.dropout)}", self.dropout)
     if not (isinstance(self.kind, type) and issubclass(self.kind, Adapter) and kind_named(self.kind.KIND) is self.kind):
       raise TypeError(
           f"LoraSpec(kind={self.kind!r}): expected an adapter kind registered with "
@@ -196,7 +221,11 @@ class LoraSpec:
           layout=layout,
           is_embedding=(path in trace.embeddings) if trace is not None else _leaf_name(path) in _EMBEDDING_NAMES,
           rslora=bool(self.rslora),
+          init=self.init,
+          dropout=float(self.dropout),
       )
+      self.kind.check_target(target)
+      check_init_target(target)
       limit = min(target.fan_in, target.fan_out)
       if target.rank > limit:
         hint = (
@@ -243,6 +272,16 @@ def _check_rank(shown: str, r: Any) -> None:
     raise TypeError(f"LoraSpec({shown}): {what} (int), found a {type(r).__name__}.")
   if r < 1 or r > _MAX_RANK:
     raise ValueError(f"LoraSpec({shown}): {what} (at most {_MAX_RANK}), found {_short(r)}.")
+
+
+def _check_dropout(shown: str, p: Any) -> None:
+  if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)):
+    raise TypeError(f"LoraSpec({shown}): dropout must be a probability (a float in [0, 1)), found a {type(p).__name__}.")
+  if not 0.0 <= float(p) < 1.0:
+    raise ValueError(
+        f"LoraSpec({shown}): dropout must be in [0, 1) (the probability of zeroing an input "
+        "element of the adapter path; 1 would zero all of it)."
+    )
 
 
 def _check_alpha(shown: str, alpha: Any) -> None:

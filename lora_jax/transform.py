@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True):
+def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True, rng=None):
   """Traces ``apply_fn`` at these shapes and evaluates it with the factored rules."""
   rows = check_adapters(params, adapters)
   ptree = jtu.tree_structure(params, is_leaf=lambda x: isinstance(x, BaseLeaf))
@@ -67,8 +67,8 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
     return apply_fn(jtu.tree_unflatten(ptree, leaves), *args, **kwargs)
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
-  ctx = Ctx(fallback, group)
-  inputs = [View.of(leaf, f, path) if f is not None else dense(leaf) for path, leaf, f in rows]
+  ctx = Ctx(fallback, group, rng)
+  inputs = [View.of(leaf, f.prepare(leaf), path) if f is not None else dense(leaf) for path, leaf, f in rows]
   inputs += list(jax.tree.leaves(dyn))
   outs = finalize(ctx, evaluate(ctx, closed.jaxpr, closed.consts, inputs))
   ctx.transposed_notes()
@@ -137,19 +137,32 @@ def wrap(
   if not isinstance(group, bool):
     raise TypeError(f"wrap(group={group!r}): expected True or False.")
 
-  def run(static, params, adapters, dyn):
+  def run(static, params, adapters, dyn, rng=None):
     if mode == "merged":
+      if rng is not None and _dropout_paths(adapters):
+        raise ValueError(
+            f"wrap(mode='merged') got lora_dropout_rng, but dropout acts on the adapter path's "
+            f"input, which a merged kernel no longer has (adapters with dropout: "
+            f"{_dropout_paths(adapters)[:3]}). Use mode='factored' to train with dropout."
+        )
       args, kwargs = join_static(static, dyn)
       return apply_fn(merge(params, adapters), *args, **kwargs)
-    out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group)
+    out, report = _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group, rng)
     if fallback == "warn":
       warn(report)
     return out
 
   jitted = jax.jit(run, static_argnums=0)
 
+  if _accepts_keyword(apply_fn, DROPOUT_RNG):
+    raise TypeError(
+        f"wrap({getattr(apply_fn, '__name__', apply_fn)!r}): the function takes a keyword "
+        f"argument {DROPOUT_RNG!r}, the name lora_apply reserves for the dropout rng; rename it."
+    )
+
   @functools.wraps(apply_fn)
-  def lora_apply(params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Any:
+  def lora_apply(params: PyTree, adapters: PyTree, *args: Any, lora_dropout_rng: Any = None, **kwargs: Any) -> Any:
+    rng = _check_rng(lora_dropout_rng)
     for path, leaf, _ in check_adapters(params, adapters):
       if not (is_dynamic(leaf) or isinstance(leaf, (BaseLeaf, bool, int, float, complex))):
         raise TypeError(
@@ -161,10 +174,47 @@ def wrap(
     try:
       hash(static)
     except TypeError:
-      return run(static, params, adapters, dyn)
-    return jitted(static, params, adapters, dyn)
+      return run(static, params, adapters, dyn, rng)
+    return jitted(static, params, adapters, dyn, rng)
 
   return lora_apply
+
+
+DROPOUT_RNG = "lora_dropout_rng"
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+  import inspect
+
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  p = sig.parameters.get(name)
+  return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _check_rng(rng: Any) -> Any:
+  """``lora_dropout_rng`` as a typed key (a raw ``uint32[2]`` key is wrapped), or None."""
+  if rng is None:
+    return None
+  dtype = getattr(rng, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.shape(rng) == ():
+    return rng
+  if dtype == np.uint32 and jnp.shape(rng) == (2,):
+    return jax.random.wrap_key_data(rng)
+  raise TypeError(
+      f"lora_apply(..., lora_dropout_rng=...): expected one PRNG key (jax.random.key(0)), found "
+      f"a {type(rng).__name__} of shape {jnp.shape(rng) if dtype is not None else '?'}."
+  )
+
+
+def _dropout_paths(adapters: PyTree) -> list[str]:
+  from lora_jax._paths import path_str
+  from lora_jax.kinds import is_adapter, is_adapter_or_none
+
+  flat, _ = jtu.tree_flatten_with_path(adapters, is_leaf=is_adapter_or_none)
+  return [path_str(p) for p, f in flat if is_adapter(f) and f.dropout]
 
 
 def explain(apply_fn: Callable[..., Any], params: PyTree, adapters: PyTree, *args: Any, **kwargs: Any) -> Report:

@@ -225,9 +225,20 @@ def _rule_scan(ctx, eqn, *invals):
     xs_plain.append(plain)
     xs_meta.append(meta)
 
+  counted = ctx.rng is not None  # dropout masks differ per iteration: the index rides along
+  if counted:
+    xs_plain.append(jnp.arange(p["length"], dtype=jnp.uint32))
+
   def body(carry, x_slices):
+    if counted:
+      *x_slices, index = x_slices
+      ctx.scan_index.append(index)
     rebuilt = [xv if meta is None else _unscanned(meta, xv) for meta, xv in zip(xs_meta, x_slices)]
-    outs = finalize(ctx, evaluate(ctx, body_jaxpr, body_consts, [*consts, *carry, *rebuilt]))
+    try:
+      outs = finalize(ctx, evaluate(ctx, body_jaxpr, body_consts, [*consts, *carry, *rebuilt]))
+    finally:
+      if counted:
+        ctx.scan_index.pop()
     return outs[:ncar], outs[ncar:]
 
   carry, ys = lax.scan(body, init, xs_plain, length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1))

@@ -103,14 +103,32 @@ def unique(groups: list[list[str]]) -> list[list[str]]:
 class Ctx:
   """Per-trace state: the uses seen and what to do on a fallback."""
 
-  def __init__(self, fallback: str, group: bool = True):
+  def __init__(self, fallback: str, group: bool = True, rng: Any = None):
     self.fallback = fallback
     self.group = group
+    self.rng = rng  # the call's lora_dropout_rng (a typed key), or None: no dropout
+    self.scan_index: list[Any] = []  # the iteration index of each enclosing scan (with an rng)
+    self._site_uses: dict[str, int] = {}
     self.uses: list[Use] = []
     self.layout_notes: dict[str, str] = {}
     self.grouped: list[list[str]] = []  # paths whose x @ a products ran as one matmul
     self.contracted: dict[str, set[str]] = {}  # path -> roles its matmuls contract ('i', 'o')
     self.gathered: set[str] = set()  # paths used as lookup tables
+
+  def site_key(self, path: str) -> Any:
+    """A dropout key for the next use of ``path``: the rng folded with the path, the use's
+    ordinal and each enclosing scan's iteration (the same key when remat recomputes it)."""
+    import zlib
+
+    import jax
+
+    n = self._site_uses.get(path, 0)
+    self._site_uses[path] = n + 1
+    key = jax.random.fold_in(self.rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    key = jax.random.fold_in(key, n)
+    for i in self.scan_index:
+      key = jax.random.fold_in(key, i)
+    return key
 
   def contracts(self, t: Any, role: str) -> None:
     self.contracted.setdefault(t.path, set()).add(role)

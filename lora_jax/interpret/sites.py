@@ -8,6 +8,12 @@ A site offers what an adapter kind needs to compute its contribution there
   plain LoRA's (``a``: roles ``'lir'``, ``b``: ``'lro'``, in the view's current labels),
   computed as two thin products; when ``a`` is the adapter's ``GROUP_LEAF`` the first product
   may come from a grouped matmul shared with other adapters reading the same input;
+* ``dropped(rate)``: the input with PEFT's dropout applied (``x`` itself when the call has no
+  ``lora_dropout_rng`` or ``rate`` is 0); ``base(x)`` and ``low_rank(..., x=x)`` take it;
+* ``can_scale_out(labels)`` / ``scale_out(y, v, labels)``: multiply an op result by ``v``, an
+  array over kernel axes (e.g. roles ``'lo'``), along the output axes those kernel axes became
+  (DoRA's rescale);
+* ``materialized(reason)``: the op with the adapted kernel formed for this use (a fallback);
 * ``x``, ``t`` (the view), ``primitive``, ``path``.
 
 A consumer rule builds its site, asks :meth:`plan` whether the use can be computed factored,
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -67,6 +74,58 @@ class Site:
     self.ctx, self.eqn, self.t, self.x = ctx, eqn, t, x
     self.path = t.path
     self.out_dtype = eqn.outvars[0].aval.dtype
+    self.fell_back = False
+
+  def dropped(self, rate: float) -> Array:
+    """``x`` with PEFT's ``lora_dropout`` applied: each element zeroed with probability
+    ``rate``, the rest scaled by ``1 / (1 - rate)``; ``x`` itself without an rng or rate.
+    The mask's key depends on the call's rng, the kernel's path, the use and the iteration
+    of every enclosing ``scan``: independent per layer and per adapter, and the same when
+    ``jax.checkpoint`` recomputes it."""
+    if not rate or self.ctx.rng is None:
+      return self.x
+    keep = jax.random.bernoulli(self.ctx.site_key(self.path), 1.0 - rate, jnp.shape(self.x))
+    return jnp.where(keep, self.x / jnp.asarray(1.0 - rate, self.x.dtype), jnp.zeros((), self.x.dtype))
+
+  def out_labels(self) -> list[Any] | None:
+    """The label of each output axis (kernel labels where a kernel axis lands), or None."""
+    return None
+
+  def _kernel_positions(self, labels) -> list[int] | None:
+    out = self.out_labels()
+    if out is None:
+      return None
+    pos = []
+    for lab in labels:
+      mapped = self.map_label(lab)
+      if mapped not in out:
+        return None
+      pos.append(out.index(mapped))
+    return pos
+
+  def map_label(self, lab):
+    return lab
+
+  def can_scale_out(self, labels) -> bool:
+    return self._kernel_positions(labels) is not None
+
+  def scale_out(self, y: Array, v: Array, labels) -> Array:
+    """``y * v`` with ``v``'s axes (kernel ``labels``) placed on the output axes they became."""
+    pos = self._kernel_positions(labels)
+    order = np.argsort(pos)
+    v = jnp.transpose(v, order) if len(pos) > 1 else v
+    shape = [1] * y.ndim
+    for k, p in enumerate(sorted(pos)):
+      shape[p] = v.shape[k]
+    return y * jnp.reshape(v, shape).astype(y.dtype)
+
+  def _bind_with(self, w: Array) -> Array:
+    raise NotImplementedError
+
+  def materialized(self, reason: str) -> Array:
+    """The op with ``view(W')`` formed for this use (the kind's ``merge``), recorded as a fallback."""
+    self.fell_back = True
+    return self._bind_with(self.ctx.materialize(self.t, self.primitive, reason))
 
   def group_leaf(self) -> Array | None:
     name = self.t.adapter.GROUP_LEAF
@@ -134,9 +193,22 @@ class DotSite(Site):
   def labels_of(self, pattern_labels: Sequence[Any]) -> list[Any]:
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
-  def base(self) -> Array:
-    ops = [self.t.view_value(), self.x] if self.t_is_lhs else [self.x, self.t.view_value()]
-    return bind(self.eqn, ops)
+  def base(self, x: Array | None = None) -> Array:
+    return self._bind_with(self.t.view_value(), x)
+
+  def _bind_with(self, w: Array, x: Array | None = None) -> Array:
+    x = self.x if x is None else x
+    return bind(self.eqn, [w, x] if self.t_is_lhs else [x, w])
+
+  def map_label(self, lab):
+    return self.by_label.get(lab, lab)
+
+  def out_labels(self) -> list[Any]:
+    """The original op's output order: batch, lhs free, rhs free."""
+    skip = set(self.contract) | set(self.batch)
+    xfree = [c for c in self.xl if c not in skip]
+    tfree = [self.vlab[v] for v in range(len(self.t.axes)) if self.vlab[v] not in skip]
+    return self.batch + (tfree + xfree if self.t_is_lhs else xfree + tfree)
 
   def first_operand(self, a: Array, b: Array) -> tuple[Array, list, Array, list]:
     """``(f1, labels, f2, labels)``: the factors in the order the two products use them."""
@@ -145,27 +217,24 @@ class DotSite(Site):
     a, b = self._factors(a, b)
     return (a, la, b, lb) if self.first == "i" else (b, lb, a, la)
 
-  def first_product(self, f1: Array, l1: list) -> tuple[Array, list]:
-    tmp, tl = _dot_by_labels(self.x, self.xl, f1, l1, self.contract, self.batch, self.precision, acc_dtype(self.t.dtype))
+  def first_product(self, f1: Array, l1: list, x: Array | None = None) -> tuple[Array, list]:
+    x = self.x if x is None else x
+    tmp, tl = _dot_by_labels(x, self.xl, f1, l1, self.contract, self.batch, self.precision, acc_dtype(self.t.dtype))
     # Named so that a remat policy can keep this thin (..., r) product (see remat_policy).
     return checkpoint_name(tmp, THIN_PRODUCT_NAME), tl
 
-  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+  def low_rank(self, a: Array, b: Array, scale: Any, x: Array | None = None) -> Array:
     f1, l1, f2, l2 = self.first_operand(a, b)
-    if self.first_given is not None and self.first == "i" and a is self.group_leaf():
+    given = x is None or x is self.x
+    if given and self.first_given is not None and self.first == "i" and a is self.group_leaf():
       tmp, tl = self.first_given
     else:
-      tmp, tl = self.first_product(f1, l1)
+      tmp, tl = self.first_product(f1, l1, None if given else x)
     tmp = self._scaled(tmp, scale)
     # Leading axes left free ride along as batch axes of the second product.
     batch2 = [c for c in tl if c != "r" and c in l2]
     out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, self.precision, self.out_dtype)
-    # The original op's output order: batch, lhs free, rhs free.
-    skip = set(self.contract) | set(self.batch)
-    xfree = [c for c in self.xl if c not in skip]
-    tfree = [self.vlab[v] for v in range(len(self.t.axes)) if self.vlab[v] not in skip]
-    want = self.batch + (tfree + xfree if self.t_is_lhs else xfree + tfree)
-    return jnp.transpose(out, [ol.index(c) for c in want])
+    return jnp.transpose(out, [ol.index(c) for c in self.out_labels()])
 
   def group_operand(self) -> tuple[Array, list]:
     """The kind's group leaf (roles ``'lir'``) in the op's dtype, with its labels."""
@@ -175,6 +244,8 @@ class DotSite(Site):
     """What two sites must share for their first products to be one matmul, or None."""
     if not self.ok or self.first != "i" or self.group_leaf() is None:
       return None
+    if self.t.adapter.dropout and self.ctx.rng is not None:
+      return None  # each adapter drops its own input (as PEFT's per-layer dropout modules do)
     f1, l1 = self.group_operand()
     if not all(lab == "r" or lab[0] == "x" for lab in l1):
       return None
@@ -238,17 +309,26 @@ class ConvSite(Site):
             f"{tuple(t.shape)} is small"
         )
 
-  def base(self) -> Array:
-    return bind(self.eqn, [self.x, self.t.view_value()])
+  def base(self, x: Array | None = None) -> Array:
+    return self._bind_with(self.t.view_value(), x)
 
-  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+  def _bind_with(self, w: Array, x: Array | None = None) -> Array:
+    return bind(self.eqn, [self.x if x is None else x, w])
+
+  def out_labels(self) -> list[Any]:
+    out = [None] * len(self.eqn.outvars[0].aval.shape)
+    out[self.feat] = self.t.axes[self.out_feat]  # the kernel's fan-out label
+    return out
+
+  def low_rank(self, a: Array, b: Array, scale: Any, x: Array | None = None) -> Array:
+    x = self.x if x is None else x
     a, b = self._factors(a, b)
     a_k = _kernel_like(self.t, a, self.out_feat)
     g = self.groups
     if g > 1:  # output channel j*r + k of group j uses a[..., k]
       a_k = jnp.concatenate([a_k] * g, axis=self.out_feat)
     p = self.eqn.params
-    tmp = lax.conv_general_dilated_p.bind(self.x, a_k, **dict(p, preferred_element_type=acc_dtype(self.t.dtype)))
+    tmp = lax.conv_general_dilated_p.bind(x, a_k, **dict(p, preferred_element_type=acc_dtype(self.t.dtype)))
     tmp = jnp.moveaxis(tmp, self.feat, -1)
     if g == 1:
       delta = _rows_times_b(self, tmp, b, scale)
@@ -285,10 +365,16 @@ class GatherSite(Site):
     if not self.why:
       ctx.gathers(t)
 
-  def base(self) -> Array:
-    return bind(self.eqn, [self.t.view_value(), self.x])
+  def base(self, x: Array | None = None) -> Array:
+    return self._bind_with(self.t.view_value())
 
-  def low_rank(self, a: Array, b: Array, scale: Any) -> Array:
+  def _bind_with(self, w: Array) -> Array:
+    return bind(self.eqn, [w, self.x])
+
+  def dropped(self, rate: float) -> Array:
+    return self.x  # ids: PEFT's LoRA embedding applies no dropout
+
+  def low_rank(self, a: Array, b: Array, scale: Any, x: Array | None = None) -> Array:
     a_k = _kernel_like(self.t, a, self.ov)
     sizes = list(self.eqn.params["slice_sizes"])
     sizes[self.ov] = a_k.shape[self.ov]
@@ -307,7 +393,8 @@ class GatherSite(Site):
 
 def _contribute(ctx, site: Site) -> Array:
   out = site.t.adapter.contribute(site)
-  ctx.factored(site.t, site.primitive)
+  if not site.fell_back:
+    ctx.factored(site.t, site.primitive)
   return out
 
 

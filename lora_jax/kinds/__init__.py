@@ -1,4 +1,4 @@
-"""Adapter kinds: plain LoRA and the interface every variant implements (see ``base``)."""
+"""Adapter kinds: plain LoRA, DoRA, and the interface every variant implements (see ``base``)."""
 
 from lora_jax.kinds.base import (
     Adapter,
@@ -13,10 +13,12 @@ from lora_jax.kinds.base import (
     registered_kinds,
 )
 from lora_jax.kinds.lora import LoraFactors, factor_shapes, kernel_delta, kernel_shape
+from lora_jax.kinds.dora import DoraFactors
 
 __all__ = [
     "Adapter",
     "check_layout",
+    "DoraFactors",
     "factor_shapes",
     "is_adapter",
     "is_adapter_or_none",

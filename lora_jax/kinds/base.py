@@ -87,6 +87,9 @@ class Adapter:
   LORA_PLUS_FAST: ClassVar[frozenset[str]] = frozenset()
   GROUP_LEAF: ClassVar[str | None] = None
   layout: str
+  # The probability of dropping an input element of the adapter path (PEFT's lora_dropout);
+  # kinds that support dropout declare it as a static field.
+  dropout: float = 0.0
 
   # --- generic, from the roles -----------------------------------------------------------------
 
@@ -158,9 +161,24 @@ class Adapter:
     """The result of the consumer op with the adapted kernel, computed at ``site``."""
     raise NotImplementedError(f"{type(self).__name__}.contribute")
 
+  def prepare(self, base: Any) -> "Adapter":
+    """The adapter as the sites of one wrapped call see it, given the frozen kernel ``base``
+    (an array or a :class:`lora_jax.bases.BaseLeaf`, in the kernel's layout). Called once per
+    adapted kernel per call, before any view (slice, transpose, ``scan`` slice) of it, so a
+    kind can compute what needs the whole kernel once (DoRA: its per-output-feature rescale).
+    The default returns the adapter unchanged."""
+    return self
+
   @classmethod
-  def init(cls, key: Array, target: Any, dtype: Any) -> "Adapter":
-    """A fresh adapter for ``target`` (a :class:`lora_jax.Target`)."""
+  def check_target(cls, target: Any) -> None:
+    """Raises ``ValueError`` naming ``target.path`` if this kind cannot adapt ``target``
+    (e.g. DoRA on an embedding); called when a spec is resolved."""
+
+  @classmethod
+  def init(cls, key: Array, target: Any, dtype: Any, w: Array | None = None) -> "Adapter | tuple[Adapter, Array]":
+    """A fresh adapter for ``target`` (a :class:`lora_jax.Target`), whose kernel is ``w`` (a
+    dense array in the kernel's layout; None when only its shape is known). An init that
+    changes the base (PiSSA) returns ``(adapter, new_kernel)``."""
     raise NotImplementedError(f"{cls.__name__}.init")
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.kinds.base import Adapter, einsum_delta, kernel_labels, layout_counts, leaf_labels, register_kind
+from lora_jax.kinds.inits import base_digest, initial_factors
 
 Array = Any
 
@@ -47,27 +48,30 @@ class LoraFactors(Adapter):
   # Made with scale = alpha / sqrt(r) (rsLoRA): export_peft then writes use_rslora. Static;
   # left out of the repr so that reprs of plain LoRA factors stay as they were.
   rslora: bool = dataclasses.field(default=False, repr=False)
+  # PEFT's lora_dropout: the rate at which the adapter path's input is dropped when the wrapped
+  # call gets lora_dropout_rng (see lora_jax.wrap).
+  dropout: float = dataclasses.field(default=0.0, repr=False)
+  # Set by an init that replaced the base kernel (PiSSA, OLoRA): a digest of the kernel these
+  # factors belong to, which lora_jax.load checks (see lora_jax.kinds.inits.base_digest).
+  base_digest: str | None = dataclasses.field(default=None, repr=False)
 
   def delta(self, dtype: Any = None) -> Array:
     """``scale * a @ b`` arranged like the kernel (materialises the full-size update)."""
     return kernel_delta(self.a, self.b, self.scale, self.layout, dtype)
 
   def contribute(self, site: Any) -> Array:
-    return site.base() + site.low_rank(self.a, self.b, self.scale)
+    x = site.dropped(self.dropout)
+    return site.base() + site.low_rank(self.a, self.b, self.scale, x=x)
 
   @classmethod
-  def init(cls, key: Array, target: Any, dtype: Any) -> "LoraFactors":
-    a_shape, b_shape = factor_shapes(target.shape, target.layout, target.rank)
-    if target.is_embedding:
-      # PEFT's embedding init: A (our a) zero, B (our b) standard normal.
-      a = jnp.zeros(a_shape, dtype)
-      b = jax.random.normal(key, b_shape, dtype)
-    else:
-      # PEFT's default: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-      bound = 1.0 / np.sqrt(target.fan_in)
-      a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-      b = jnp.zeros(b_shape, dtype)
-    return cls(a=a, b=b, scale=target.scale, layout=target.layout, rslora=getattr(target, "rslora", False))
+  def init(cls, key: Array, target: Any, dtype: Any, w: Array | None = None):
+    a, b, new_w = initial_factors(key, target, dtype, w)
+    f = cls(
+        a=a, b=b, scale=target.scale, layout=target.layout, rslora=getattr(target, "rslora", False),
+        dropout=float(getattr(target, "dropout", 0.0)),
+        base_digest=None if new_w is None else base_digest(new_w),
+    )
+    return f if new_w is None else (f, new_w)
 
 
 def kernel_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

@@ -1,0 +1,234 @@
+"""DoRA (Liu et al., 2024): ``W' = m * (W + s*a@b) / ||W + s*a@b||``, factored.
+
+The norm is taken per output feature over the fan-in axes (per layer for stacked kernels), as
+PEFT defines it, and is treated as a constant in the backward pass (the paper's section 4.3,
+as PEFT does), so gradients reach ``m`` through ``m / n`` and ``a``, ``b`` through the
+low-rank path only.
+
+Factored, nothing of size ``fan_in x fan_out`` is formed beyond what the base matmul reads:
+
+* the norm comes from the factors and the frozen kernel,
+  ``n^2 = ||W||^2 + 2s * <a^T W, b> + s^2 * b^T (a^T a) b`` per output feature -- one
+  ``(r x fan_out)`` product ``a^T W`` and an ``r x r`` Gram matrix per kernel, computed once
+  per call for the whole (stacked) kernel (:meth:`DoraFactors.prepare`);
+* at each matmul / convolution the kind computes plain LoRA's ``op(x, W) + s*op(op(x, a), b)``
+  and scales the result along the fan-out by ``g = m / n`` (``site.scale_out``).
+
+With ``lora_dropout_rng`` and ``dropout > 0`` it follows PEFT's DoRA forward exactly:
+``op(x, W) + (g - 1) * op(x_d, W) + g * s * op(op(x_d, a), b)`` with ``x_d = dropout(x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.bases import dense
+from lora_jax.kinds.base import Adapter, kernel_labels, leaf_labels, register_kind
+from lora_jax.kinds.inits import base_digest, initial_factors
+from lora_jax.kinds.lora import kernel_delta
+
+Array = Any
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _letters(*label_lists):
+  names: dict[Any, str] = {}
+  pool = iter("abcdefghjkmnpqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+  return ["".join(names.setdefault(lab, next(pool)) for lab in labels) for labels in label_lists]
+
+
+def _einsum(out_labels, *operands):
+  """``einsum`` over labelled operands ``(array, labels)``, float32 or wider, highest precision."""
+  subs = _letters(*[labels for _, labels in operands], out_labels)
+  expr = ",".join(subs[:-1]) + "->" + subs[-1]
+  return jnp.einsum(expr, *[x for x, _ in operands], precision=_HI, preferred_element_type=jnp.float32
+                    if all(x.dtype != jnp.float64 for x, _ in operands) else jnp.float64)
+
+
+def _acc(*xs) -> Any:
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Array:
+  """``||W + scale*a@b||`` per output feature (roles ``'lo'``), over the fan-in axes, from the
+  factors: no ``fan_in x fan_out`` update is formed. Float32 (or wider) accumulation."""
+  kl, al, bl = kernel_labels(layout), leaf_labels("lir", layout), leaf_labels("lro", layout)
+  lo = leaf_labels("lo", layout)
+  r2 = tuple(("r2",) if lab == ("r",) else lab for lab in al)
+  bl2 = tuple(("r2",) if lab == ("r",) else lab for lab in bl)
+  acc = _acc(a, b)
+  wsq = _einsum(lo, (w, kl), (w, kl))  # squares summed over fan-in, in the product's accumulator
+  # a^T W: the factor in the kernel's dtype (a bf16 kernel is not upcast whole), f32 accumulation.
+  aw = _einsum(bl, (a.astype(w.dtype) if jnp.dtype(w.dtype).itemsize < 4 else a, al), (w, kl))
+  cross = jnp.sum(aw.astype(acc) * b.astype(acc), axis=bl.index(("r",)))
+  gram = _einsum(tuple(lab for lab in al if lab[0] != "i") + (("r2",),), (a.astype(acc), al), (a.astype(acc), r2))
+  quad = _einsum(lo, (b.astype(acc), bl), (gram, tuple(lab for lab in al if lab[0] != "i") + (("r2",),)), (b.astype(acc), bl2))
+  sq = wsq.astype(acc) + 2 * scale * cross + scale * scale * quad
+  return jnp.sqrt(jnp.maximum(sq, 0))
+
+
+def dense_column_norm(v: Array, layout: str) -> Array:
+  """``||v||`` per output feature (roles ``'lo'``) of a kernel-shaped ``v``, float32 or wider."""
+  kl = kernel_labels(layout)
+  v = v.astype(_acc(v))
+  return jnp.sqrt(_einsum(leaf_labels("lo", layout), (v, kl), (v, kl)))
+
+
+def along_kernel(v: Array, layout: str) -> Array:
+  """A ``'lo'``-roled array broadcast against a kernel of ``layout`` (unit fan-in axes)."""
+  kl, lo = kernel_labels(layout), leaf_labels("lo", layout)
+  present = [lab for lab in kl if lab in lo]
+  v = jnp.transpose(v, [lo.index(lab) for lab in present])
+  shape = [v.shape[present.index(lab)] if lab in lo else 1 for lab in kl]
+  return jnp.reshape(v, shape)
+
+
+@register_kind
+@dataclasses.dataclass(frozen=True)
+class DoraFactors(Adapter):
+  """DoRA factors of one kernel ``W``: the kernel acts as ``m * (W + s*a@b) / ||W + s*a@b||``.
+
+  ``a`` (roles ``'lir'``) and ``b`` (``'lro'``) are plain LoRA's factors; ``m`` (``'lo'``:
+  one value per output feature, per layer) is the trainable magnitude, initialised to the
+  column norm of the kernel it was made for. ``base_norm`` (``'lo'``, frozen) is that base
+  kernel's own column norm ``||W||``: it makes :meth:`unmerge` exact from the merged kernel and
+  the adapters alone (the merged kernel has lost ``||W + s*a@b||``).
+
+  >>> w = jnp.eye(3)
+  >>> f = DoraFactors(a=jnp.ones((3, 1)), b=jnp.zeros((1, 3)), m=jnp.full((3,), 2.0),
+  ...                 base_norm=jnp.ones(3), scale=1.0, layout="io")
+  >>> f.merge(w)  # b = 0: each column rescaled to norm m
+  Array([[2., 0., 0.],
+         [0., 2., 0.],
+         [0., 0., 2.]], dtype=float32)
+  """
+
+  KIND = "dora"
+  ROLES = {"a": "lir", "b": "lro", "m": "lo", "base_norm": "lo"}
+  TRAINABLE = frozenset({"a", "b", "m"})
+  LORA_PLUS_FAST = frozenset({"b"})
+  GROUP_LEAF = "a"
+
+  a: Array
+  b: Array
+  m: Array
+  base_norm: Array
+  scale: float
+  layout: str
+  rslora: bool = dataclasses.field(default=False, repr=False)
+  dropout: float = dataclasses.field(default=0.0, repr=False)
+  base_digest: str | None = dataclasses.field(default=None, repr=False)
+  # Set by prepare(): ``m`` then holds the rescale m / ||W + s*a@b|| of this call.
+  prepared: bool = dataclasses.field(default=False, repr=False)
+
+  # --- dense forms --------------------------------------------------------------------------------
+
+  def delta(self, dtype: Any = None) -> Array:
+    """The low-rank part ``scale * a @ b`` only (DoRA's update is not additive: see :meth:`merge`)."""
+    return kernel_delta(self.a, self.b, self.scale, self.layout, dtype)
+
+  def rescale(self, w: Array) -> Array:
+    """``m / ||W + s*a@b||`` per output feature for base kernel ``w`` (the norm detached)."""
+    if self.prepared:
+      return self.m
+    n = jax.lax.stop_gradient(column_norm(w, self.a, self.b, self.scale, self.layout))
+    return self.m.astype(n.dtype) / n
+
+  def merge(self, w: Array) -> Array:
+    d = self.delta()
+    v = w.astype(d.dtype) + d
+    if self.prepared:
+      g = self.m
+    else:
+      g = self.m.astype(d.dtype) / jax.lax.stop_gradient(dense_column_norm(v, self.layout))
+    return (v * along_kernel(g.astype(v.dtype), self.layout)).astype(w.dtype)
+
+  def unmerge(self, w: Array) -> Array:
+    """The base kernel from a merged one: ``W = c * W' - s*a@b`` per output feature, with
+    ``c = ||W + s*a@b|| / m`` the root of ``||c W' - s*a@b|| = base_norm`` whose sign is
+    ``m``'s. Unique when ``||s*a@b|| < ||W||`` in every column (raises otherwise; NaN there
+    under a trace)."""
+    d = self.delta()
+    v = w.astype(d.dtype)
+    kl, lo = kernel_labels(self.layout), leaf_labels("lo", self.layout)
+    vv = _einsum(lo, (v, kl), (v, kl))
+    p = _einsum(lo, (v, kl), (d, kl))
+    q = _einsum(lo, (d, kl), (d, kl))
+    bn2 = jnp.square(self.base_norm.astype(d.dtype))
+    disc = p * p - vv * (q - bn2)
+    unique = q < bn2
+    sign = jnp.where(self.m >= 0, 1.0, -1.0).astype(d.dtype)
+    c = jnp.where(unique, (p + sign * jnp.sqrt(jnp.maximum(disc, 0))) / vv, jnp.nan)
+    if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(unique)):
+      bad = np.argwhere(~np.asarray(unique))[:5].tolist()
+      raise ValueError(
+          f"DoRA unmerge is ambiguous at output features {bad} (of shape {tuple(unique.shape)}): "
+          "there ||scale * a @ b|| >= ||W||, so two base kernels merge to the same result. "
+          "Keep the base params instead of unmerging."
+      )
+    return (v * along_kernel(c, self.layout) - d).astype(w.dtype)
+
+  # --- the transform ------------------------------------------------------------------------------
+
+  def prepare(self, base: Any) -> "DoraFactors":
+    if self.prepared:
+      return self
+    return self.replace(m=self.rescale(dense(base)), prepared=True)
+
+  def contribute(self, site: Any) -> Array:
+    if not self.prepared:  # pragma: no cover - the transform prepares every adapter
+      raise RuntimeError(f"{site.path!r}: DoRA factors reached a site unprepared.")
+    g = self.m
+    if not site.can_scale_out(self.labels("m")):
+      return site.materialized(
+          "DoRA rescales the kernel's fan-out, which this use contracts or gathers"
+          + (" (computed without dropout)" if self.dropout and site.ctx.rng is not None else "")
+      )
+    x = site.dropped(self.dropout)
+    if x is site.x:
+      y = site.base() + site.low_rank(self.a, self.b, self.scale)
+      return site.scale_out(y, g, self.labels("m"))
+    # PEFT's DoRA with dropout: the base term of the rescale sees the dropped input too.
+    yd = site.scale_out(site.base(x), g - 1, self.labels("m"))
+    low = site.scale_out(site.low_rank(self.a, self.b, self.scale, x=x), g, self.labels("m"))
+    return site.base() + yd + low
+
+  # --- creation -----------------------------------------------------------------------------------
+
+  @classmethod
+  def check_target(cls, target: Any) -> None:
+    if target.is_embedding:
+      raise ValueError(
+          f"{target.path!r}: DoRA adapts matmul and convolution kernels, not embeddings (PEFT "
+          "refuses DoRA on embeddings too); leave the embedding out of the targets, or use "
+          "plain LoRA (kind='lora') for it."
+      )
+
+  @classmethod
+  def init(cls, key: Array, target: Any, dtype: Any, w: Array | None = None):
+    cls.check_target(target)
+    if w is None:
+      raise ValueError(
+          f"{target.path!r}: DoRA's magnitude starts at the kernel's column norm, so its init "
+          "needs the kernel's values (got only its shape)."
+      )
+    a, b, new_w = initial_factors(key, target, dtype, w)
+    base = w if new_w is None else new_w
+    d = kernel_delta(a, b, target.scale, target.layout)
+    m = dense_column_norm(jnp.asarray(base).astype(d.dtype) + d, target.layout)
+    base_norm = dense_column_norm(jnp.asarray(base).astype(_acc(jnp.asarray(base))), target.layout)
+    f = cls(
+        a=a, b=b, m=m.astype(dtype), base_norm=base_norm.astype(dtype), scale=target.scale,
+        layout=target.layout, rslora=getattr(target, "rslora", False),
+        dropout=float(getattr(target, "dropout", 0.0)),
+        base_digest=None if new_w is None else base_digest(new_w),
+    )
+    return f if new_w is None else (f, new_w)
+
+
+__all__ = ["DoraFactors", "along_kernel", "column_norm", "dense_column_norm"]

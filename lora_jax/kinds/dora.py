@@ -54,22 +54,35 @@ def _acc(*xs) -> Any:
   return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
 
 
+def _as_matrices(w: Array, layout: str) -> tuple[Array, tuple[int, ...], tuple[int, ...]]:
+  """The kernel as a stack of ``(fan_in, fan_out)`` matrices (one per layer), with the
+  layer and fan-out shapes. A no-op reshape for kernels whose axes run layers, fan-in,
+  fan-out (every Flax layout); others are transposed first."""
+  order = [k for r in "lio" for k, c in enumerate(layout) if c == r]
+  if order != list(range(len(layout))):
+    w = jnp.transpose(w, order)
+  nl, ni = layout.count("l"), layout.count("i")
+  L, I, O = w.shape[:nl], w.shape[nl : nl + ni], w.shape[nl + ni :]
+  return w.reshape(int(np.prod(L)), int(np.prod(I)), int(np.prod(O))), tuple(L), tuple(O)
+
+
 def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Array:
   """``||W + scale*a@b||`` per output feature (roles ``'lo'``), over the fan-in axes, from the
-  factors: no ``fan_in x fan_out`` update is formed. Float32 (or wider) accumulation."""
-  kl, al, bl = kernel_labels(layout), leaf_labels("lir", layout), leaf_labels("lro", layout)
-  lo = leaf_labels("lo", layout)
-  r2 = tuple(("r2",) if lab == ("r",) else lab for lab in al)
-  bl2 = tuple(("r2",) if lab == ("r",) else lab for lab in bl)
-  acc = _acc(a, b)
-  wsq = _einsum(lo, (w, kl), (w, kl))  # squares summed over fan-in, in the product's accumulator
-  # a^T W: the factor in the kernel's dtype (a bf16 kernel is not upcast whole), f32 accumulation.
-  aw = _einsum(bl, (a.astype(w.dtype) if jnp.dtype(w.dtype).itemsize < 4 else a, al), (w, kl))
-  cross = jnp.sum(aw.astype(acc) * b.astype(acc), axis=bl.index(("r",)))
-  gram = _einsum(tuple(lab for lab in al if lab[0] != "i") + (("r2",),), (a.astype(acc), al), (a.astype(acc), r2))
-  quad = _einsum(lo, (b.astype(acc), bl), (gram, tuple(lab for lab in al if lab[0] != "i") + (("r2",),)), (b.astype(acc), bl2))
-  sq = wsq.astype(acc) + 2 * scale * cross + scale * scale * quad
-  return jnp.sqrt(jnp.maximum(sq, 0))
+  factors: ``||W||^2 + 2s<a^T W, b> + s^2 b^T (a^T a) b``, so no ``fan_in x fan_out`` update
+  is formed. Float32 (or wider) accumulation; a low-precision kernel is read as it is."""
+  w3, L, O = _as_matrices(w, layout)
+  acc = _acc(a, b, w)
+  a3 = a.reshape(w3.shape[0], w3.shape[1], -1)
+  b3 = b.reshape(w3.shape[0], -1, w3.shape[2])
+  wsq = jnp.sum(jnp.square(w3.astype(acc)), axis=1)  # one fused pass over the kernel
+  a_lo = a3.astype(w3.dtype) if jnp.dtype(w3.dtype).itemsize < 4 else a3  # a bf16 kernel is not upcast whole
+  aw = jnp.einsum("lir,lio->lro", a_lo, w3, precision=_HI, preferred_element_type=acc)
+  cross = jnp.sum(aw * b3.astype(acc), axis=1)
+  a3, b3 = a3.astype(acc), b3.astype(acc)
+  gram = jnp.einsum("lir,lis->lrs", a3, a3, precision=_HI)
+  quad = jnp.einsum("lro,lrs,lso->lo", b3, gram, b3, precision=_HI)
+  sq = wsq + 2 * scale * cross + scale * scale * quad
+  return jnp.sqrt(jnp.maximum(sq, 0)).reshape(L + O)
 
 
 def dense_column_norm(v: Array, layout: str) -> Array:

@@ -34,7 +34,7 @@ import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
 from lora_jax._regex import MAX_NAME, PeftPatterns, SafeRegex, UnsafePattern
-from lora_jax.files.adapters import flatten_adapters as _flatten_any
+from lora_jax.files.adapters import flatten_adapters
 from lora_jax.kinds import DoraFactors, LoraFactors
 from lora_jax.kinds.dora import dense_column_norm
 from lora_jax.io import (
@@ -44,7 +44,6 @@ from lora_jax.io import (
     _to_numpy,
     _write_json,
     adapters_to_tree,
-    flatten_adapters,
     read_json,
     read_safetensors,
     write_safetensors,
@@ -385,7 +384,7 @@ def export_peft(
   ['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight', 'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight']
   """
   nm = _as_name_map(name_map)
-  flat = _flatten_any(adapters)
+  flat = flatten_adapters(adapters)
   if not flat:
     raise ValueError("export_peft: the adapters hold no LoraFactors or DoraFactors; nothing to export.")
   if rslora is None:  # as made; a mix is written as plain LoRA, with exact (non-integer) alphas
@@ -855,6 +854,12 @@ def import_peft(
   >>> d = export_peft(tempfile.mkdtemp(), ad, "llama")
   >>> import_peft(d, params, "llama")["lm_head"]["kernel"].scale
   8.0
+  >>> f = lora_jax.DoraFactors(a=jnp.ones((4, 1)), b=jnp.ones((1, 8)), m=jnp.full(8, 3.0),
+  ...                          base_norm=jnp.full(8, 2.0), scale=0.5, layout="io")
+  >>> d = export_peft(tempfile.mkdtemp(), {"lm_head/kernel": f}, "llama")  # writes use_dora: true
+  >>> g = import_peft(d, params, "llama")["lm_head"]["kernel"]
+  >>> type(g).__name__, g.m[:2], g.base_norm[:2]  # base_norm: ||W|| per column of params' kernel
+  ('DoraFactors', Array([3., 3.], dtype=float32), Array([2., 2.], dtype=float32))
   """
   nm = _as_name_map(name_map)
   adapter = read_peft(directory)
@@ -906,8 +911,8 @@ def import_peft(
           "Load the model with scan_layers=False (one kernel per layer) instead."
       )
     rank, scale = mods[0].r, mods[0].scale
-    factor_dtypes = [m.A.dtype for m in mods] + [m.B.dtype for m in mods]
-    out_dtype = dtype if dtype is not None else _common_dtype(factor_dtypes + [m.magnitude.dtype for m in mods if m.magnitude is not None])
+    dtypes = [x.dtype for m in mods for x in (m.A, m.B, m.magnitude) if x is not None]
+    out_dtype = dtype if dtype is not None else _common_dtype(dtypes)
     if len(shape) == 2:
       a, b = mods[0].A.T, mods[0].B.T
       layout = "io"

@@ -182,7 +182,7 @@ def test_dora_peft_to_jax(tiny_llama, peft_dora, dora_step, merged_apply):
 def test_dora_gradients_match_peft(tiny_llama, peft_dora, dora_step):
   """One step's gradients w.r.t. a, b and m equal PEFT's: the column norm is detached in both
   (DoRA's section 4.3), so gradients reach m through m / n and a, b through the low-rank path."""
-  torch_model, _, _, params = tiny_llama
+  params = tiny_llama[3]
   peft_model, d = peft_dora
   peft_model.zero_grad()
   (peft_model(torch.tensor(TOKENS)).logits * torch.tensor(LOSS_WEIGHTS)).sum().backward()
@@ -197,7 +197,7 @@ def test_dora_gradients_match_peft(tiny_llama, peft_dora, dora_step):
     for leaf, key in (("a", "lora_A.default.weight"), ("b", "lora_B.default.weight"), ("m", "lora_magnitude_vector.default.weight")):
       want = np.stack([torch_grads[f"base_model.model.model.layers.{i}.{module}.{key}"] for i in range(2)])
       got = np.asarray(getattr(g, leaf))
-      got = got if leaf == "m" else np.swapaxes(got, 1, 2)  # (L, in, r) -> PEFT's (L, r, in)
+      got = got if leaf == "m" else np.swapaxes(got, 1, 2)  # a (L, in, r), b (L, r, out): PEFT's transposed
       assert_close(got, want, RTOL, err_msg=f"{path} d/d{leaf}")
   # The comparison tells a detached norm from one that takes gradients: with G = dloss/dW' of
   # the merged kernel (from torch), b's gradient through m * v / ||v||, v = W + s*a@b, is far

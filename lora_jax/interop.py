@@ -3,12 +3,19 @@
 A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<torch module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
 ``(out, r)`` (embeddings: ``lora_embedding_A`` ``(r, vocab)``, ``lora_embedding_B``
-``(dim, r)``). A Flax kernel is ``(in, out)``, so ``a = lora_A.weight.T`` and
-``b = lora_B.weight.T``; a kernel stacked by ``nn.scan`` (layout ``'lio'``) becomes one torch
-module per layer. A :class:`NameMap` says which torch module each Flax path is.
+``(dim, r)``; DoRA adds ``...lora_magnitude_vector`` ``(out,)``). A Flax kernel is
+``(in, out)``, so ``a = lora_A.weight.T``, ``b = lora_B.weight.T`` and ``m`` is the magnitude
+vector; a kernel stacked by ``nn.scan`` (layout ``'lio'``) becomes one torch module per layer.
+A :class:`NameMap` says which torch module each Flax path is.
 
-Only plain LoRA on Linear and Embedding modules is supported; DoRA, LoRA biases, other PEFT
-methods and conv LoRA are refused with a message rather than imported wrongly.
+Supported: plain LoRA (:class:`~lora_jax.LoraFactors`) on Linear and Embedding modules, and
+DoRA (:class:`~lora_jax.DoraFactors`, PEFT's ``use_dora``) on Linear modules, with
+``use_rslora``, ``rank_pattern`` / ``alpha_pattern`` and ``lora_dropout``. PEFT's ``use_dora``
+and ``lora_dropout`` are one setting per directory, so a mix of LoRA and DoRA adapters, or of
+dropout rates, is refused on export (``lora_dropout=`` picks one rate). Importing DoRA needs
+the base kernels' values (``DoraFactors.base_norm`` is their column norm). LoRA biases, conv
+LoRA and conv DoRA, DoRA on embeddings, adapters made for a rewritten base (PiSSA, OLoRA,
+...) and other PEFT methods are refused with a message rather than converted wrongly.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import re
 import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._paths import leaves_with_paths, nearby
 from lora_jax._regex import MAX_NAME, PeftPatterns, SafeRegex, UnsafePattern
-from lora_jax.kinds import LoraFactors
+from lora_jax.files.adapters import flatten_adapters
+from lora_jax.kinds import DoraFactors, LoraFactors
+from lora_jax.kinds.dora import dense_column_norm
 from lora_jax.io import (
     AdapterFileError,
     _alpha,
@@ -34,7 +44,6 @@ from lora_jax.io import (
     _to_numpy,
     _write_json,
     adapters_to_tree,
-    flatten_adapters,
     read_json,
     read_safetensors,
     write_safetensors,
@@ -51,7 +60,8 @@ _KINDS = {
     "lora_embedding_A": ("A", True),
     "lora_embedding_B": ("B", True),
 }
-_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: (out,), no ".weight" (PEFT strips it on save)
+_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +227,17 @@ def _names(name_map: Any, path: str, n_layers: int | None) -> list[str] | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _linear_axes(path: str, f: LoraFactors) -> int:
+def _linear_axes(path: str, f: Any) -> int:
   """Number of stacked axes (0 or 1); refuses layouts that have no torch Linear equivalent."""
   nl, ni, no = f.layout.count("l"), f.layout.count("i"), f.layout.count("o")
   if nl > 1 or ni != 1 or no != 1:
+    if isinstance(f, DoraFactors):
+      raise ValueError(
+          f"{path!r}: layout {f.layout!r} has no PEFT equivalent that export_peft writes: DoRA "
+          "is exported for Linear kernels only ('io' or 'lio'), not for conv or multi-axis "
+          "kernels (PEFT's conv DoRA keeps a (1, out_channels, 1, ...) magnitude of a conv "
+          "module). Merge it into the base instead (lora_jax.merge)."
+      )
     raise ValueError(
         f"{path!r}: layout {f.layout!r} has no PEFT equivalent: PEFT interop covers Linear and "
         "Embedding kernels, i.e. one fan-in axis, one fan-out axis and at most one stacked "
@@ -254,6 +271,61 @@ def _most_common(values: list[Any]) -> Any:
   return collections.Counter(values).most_common(1)[0][0]
 
 
+def _check_dropout_arg(p: Any) -> float:
+  if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)):
+    raise TypeError(f"export_peft(lora_dropout={p!r}): expected a float in [0, 1) or None (as the adapters were made).")
+  if not 0.0 <= float(p) < 1.0:
+    raise ValueError(f"export_peft(lora_dropout={p!r}): a dropout rate is in [0, 1).")
+  return float(p)
+
+
+def _peft_settings(flat: Mapping[str, Any], lora_dropout: Any) -> tuple[bool, float]:
+  """``(use_dora, lora_dropout)`` for one PEFT config, refusing adapters it cannot describe."""
+  kinds: dict[type, str] = {}
+  for path, f in flat.items():
+    if not isinstance(f, (LoraFactors, DoraFactors)):
+      raise TypeError(
+          f"export_peft: adapters[{path!r}] is a {type(f).__name__} (kind {getattr(f, 'KIND', '?')!r}); "
+          "PEFT's LoRA format holds plain LoRA (LoraFactors) and DoRA (DoraFactors) only. Merge "
+          "it into the base (lora_jax.merge) or save it with lora_jax.save."
+      )
+    if f.base_digest is not None:
+      raise ValueError(
+          f"export_peft: {path!r} was made by an init that rewrote its base kernel (PiSSA / "
+          "OLoRA: base_digest is set), so its factors fit the residual base W - scale*a0@b0, "
+          "not the Hugging Face model's weights, which PEFT would load them onto. Convert them "
+          "for the original base first: lora_jax.to_original_base(adapters, initial_adapters), "
+          "with initial_adapters the adapters as lora_jax.init returned them."
+      )
+    if isinstance(f, DoraFactors) and f.prepared:
+      raise ValueError(
+          f"export_peft: {path!r} is a DoRA adapter prepared for one call (its m holds the "
+          "rescale m / ||W + s*a@b||); export the adapters themselves."
+      )
+    kinds.setdefault(type(f), path)
+  if len(kinds) > 1:
+    raise ValueError(
+        f"export_peft: {kinds[LoraFactors]!r} is plain LoRA but {kinds[DoraFactors]!r} is DoRA; "
+        "PEFT's use_dora is one switch for a whole adapter directory, so one directory cannot "
+        "hold both. Export each kind to its own directory (export_peft(dir, {path: adapter for "
+        "the paths of one kind}, ...)), or make all of them DoRA."
+    )
+  use_dora = DoraFactors in kinds
+  if lora_dropout is not None:
+    return use_dora, _check_dropout_arg(lora_dropout)
+  rates: dict[float, str] = {}
+  for path, f in flat.items():
+    rates.setdefault(float(f.dropout), path)
+  if len(rates) > 1:
+    (r1, p1), (r2, p2) = list(rates.items())[:2]
+    raise ValueError(
+        f"export_peft: {p1!r} has dropout {r1} but {p2!r} has dropout {r2}; PEFT's lora_dropout "
+        "is one rate for a whole adapter directory. Pass export_peft(..., lora_dropout=rate) to "
+        "write one rate for all (dropout acts only in training: outputs are the same)."
+    )
+  return use_dora, next(iter(rates))
+
+
 def export_peft(
     directory: str | os.PathLike,
     adapters: PyTree,
@@ -262,6 +334,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
     rslora: bool | None = None,
+    lora_dropout: float | None = None,
     dtype: Any = None,
 ) -> str:
   """Writes adapters as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
@@ -271,11 +344,15 @@ def export_peft(
   common rank and alpha; modules that differ get ``rank_pattern`` / ``alpha_pattern`` entries
   (one regex per stacked kernel), checked against PEFT's own matching before writing.
   ``target_modules`` lists the full torch name of every adapted module, so PEFT adapts
-  exactly these.
+  exactly these. DoRA adapters (:class:`~lora_jax.DoraFactors`) are written with
+  ``use_dora: true`` and their magnitude ``m`` as ``...lora_magnitude_vector`` ``(out,)``;
+  ``base_norm`` is not written (PEFT computes norms from the base weights it loads onto).
 
   Args:
     directory: output directory (created if needed).
-    adapters: a tree from :func:`lora_jax.init` or a flat ``{path: LoraFactors}`` dict.
+    adapters: a tree from :func:`lora_jax.init` or a flat ``{path: adapter}`` dict of
+      :class:`~lora_jax.LoraFactors`, or of :class:`~lora_jax.DoraFactors` (not both: PEFT's
+      ``use_dora`` is one switch per directory).
     name_map: a :class:`NameMap`, ``"llama"`` / ``"bert"``, a list of ``(regex, template)``
       rules, or a callable ``(path, layer) -> torch module name | None``.
     base_model_name_or_path: recorded in the config (the hub id or path of the base model).
@@ -285,6 +362,8 @@ def export_peft(
       ``lora_alpha / r``. By default, as the adapters were made: ``use_rslora`` when every
       adapter was made with ``LoraSpec(rslora=True)`` (its ``rslora`` field), so the config
       carries the spec's alphas. Either way PEFT's scale equals each adapter's ``scale``.
+    lora_dropout: the ``lora_dropout`` to write. By default the adapters' own ``dropout``
+      (``LoraSpec(dropout=...)``), which must then be one rate for all of them.
     dtype: cast the tensors (default: keep them, usually float32).
 
   Returns:
@@ -292,7 +371,10 @@ def export_peft(
 
   Raises:
     ValueError: an adapted path the name map does not cover, two paths mapping to one torch
-      module, or a layout with no Linear/Embedding equivalent.
+      module, a layout with no Linear/Embedding equivalent (conv DoRA included), plain LoRA
+      and DoRA adapters together, different dropout rates (without ``lora_dropout=``), or
+      adapters made for a rewritten base (``base_digest`` set: PiSSA, OLoRA).
+    TypeError: an adapter kind PEFT's LoRA format cannot hold.
 
   >>> import tempfile, jax, lora_jax
   >>> params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 8))}}}}
@@ -304,11 +386,12 @@ def export_peft(
   nm = _as_name_map(name_map)
   flat = flatten_adapters(adapters)
   if not flat:
-    raise ValueError("export_peft: the adapters hold no LoraFactors; nothing to export.")
+    raise ValueError("export_peft: the adapters hold no LoraFactors or DoraFactors; nothing to export.")
   if rslora is None:  # as made; a mix is written as plain LoRA, with exact (non-integer) alphas
     rslora = all(_rslora_of(f) for f in flat.values())
   elif not isinstance(rslora, bool):
     raise TypeError(f"export_peft(rslora={rslora!r}): expected True, False or None (as the adapters were made).")
+  use_dora, dropout = _peft_settings(flat, lora_dropout)
   tensors: dict[str, np.ndarray] = {}
   ranks: dict[str, tuple[int, str | None]] = {}
   alphas: dict[str, tuple[float, str | None]] = {}
@@ -316,8 +399,15 @@ def export_peft(
   for path, f in flat.items():
     nl = _linear_axes(path, f)
     a, b = _to_numpy(f.a), _to_numpy(f.b)
+    m = _to_numpy(f.m) if use_dora else None
     if dtype is not None:
       a, b = a.astype(dtype), b.astype(dtype)
+      m = None if m is None else m.astype(dtype)
+    if m is not None and m.shape != b.shape[:-2] + b.shape[-1:]:
+      raise ValueError(
+          f"export_peft: {path!r}: DoRA magnitude m has shape {m.shape}, but its factor b "
+          f"{b.shape} needs {b.shape[:-2] + b.shape[-1:]} (one value per output feature, per layer)."
+      )
     n_layers = a.shape[0] if nl else None
     names = _names(nm, path, n_layers)
     if names is None:
@@ -328,6 +418,12 @@ def export_peft(
       )
     group_rx = nm.module_pattern(path) if isinstance(nm, NameMap) else None
     embedding = path.split("/")[-1] == "embedding"
+    if embedding and use_dora:
+      raise ValueError(
+          f"export_peft: {path!r} is an embedding with DoRA factors; lora_jax's DoRA adapts "
+          "matmul kernels, not embeddings. Use plain LoRA (kind='lora') for embeddings, "
+          "exported to a directory of its own."
+      )
     kind_a, kind_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
     alpha = _json_number(_alpha(f.scale, f.rank, rslora))
     for i, name in enumerate(names):
@@ -337,6 +433,8 @@ def export_peft(
       ai, bi = (a[i], b[i]) if nl else (a, b)
       tensors[f"{_PREFIX}{name}.{kind_a}"] = np.ascontiguousarray(ai.T)
       tensors[f"{_PREFIX}{name}.{kind_b}"] = np.ascontiguousarray(bi.T)
+      if m is not None:
+        tensors[f"{_PREFIX}{name}.{_MAGNITUDE}"] = np.ascontiguousarray(m[i] if nl else m)
       ranks[name] = (f.rank, group_rx)
       alphas[name] = (alpha, group_rx)
   r = _most_common([v for v, _ in ranks.values()])
@@ -359,10 +457,10 @@ def export_peft(
       "base_model_name_or_path": base_model_name_or_path,
       "r": int(r),
       "lora_alpha": alpha,
-      "lora_dropout": 0.0,
+      "lora_dropout": dropout,
       "target_modules": sorted(owner),
       "use_rslora": bool(rslora),
-      "use_dora": False,
+      "use_dora": use_dora,
       "fan_in_fan_out": False,
       "bias": "none",
       "lora_bias": False,
@@ -390,7 +488,8 @@ def export_peft(
 
 @dataclasses.dataclass(frozen=True)
 class PeftModule:
-  """One LoRA module of a PEFT file: torch name, kind, factors in PEFT layout, r, alpha, scale."""
+  """One LoRA module of a PEFT file: torch name, kind, factors in PEFT layout, r, alpha, scale
+  and, for DoRA, the magnitude vector."""
 
   name: str
   embedding: bool
@@ -399,21 +498,24 @@ class PeftModule:
   r: int
   alpha: float
   scale: float
+  magnitude: np.ndarray | None = None  # DoRA's lora_magnitude_vector (out,); None for plain LoRA
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftAdapter:
-  """A validated PEFT LoRA directory: its config, modules and the keys that were ignored."""
+  """A validated PEFT LoRA directory: its config, modules and the keys that were ignored;
+  ``use_dora`` and ``dropout`` (``lora_dropout``) as the config says."""
 
   config: dict[str, Any]
   modules: dict[str, PeftModule]
   ignored: tuple[str, ...]
+  use_dora: bool = False
+  dropout: float = 0.0
 
 
 # PEFT 0.21.2 LoraConfig options that change what the factors mean (or add tensors): refused
 # by name, never imported as plain LoRA.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora=true)",
     "lora_bias": "LoRA biases (lora_bias=true)",
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "layer_replication": "layer replication (layer_replication)",
@@ -432,7 +534,7 @@ _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _KNOWN = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
-    "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights",
+    "fan_in_fan_out", "bias", "use_rslora", "use_dora", "modules_to_save", "init_lora_weights",
     "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core",
     "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "velora_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
@@ -493,6 +595,16 @@ def _check_config(cfg: dict[str, Any], bad: Callable[[str], AdapterFileError]) -
     raise bad(f"lora_alpha must be a finite number within float range, found {_short(alpha)}.")
   if not isinstance(rslora, bool):
     raise bad(f"use_rslora must be true or false, found {_short(rslora)}.")
+  use_dora = cfg.get("use_dora", False)
+  if use_dora is None:
+    use_dora = False
+  if not isinstance(use_dora, bool):
+    raise bad(f"use_dora must be true or false, found {_short(use_dora)}.")
+  dropout = cfg.get("lora_dropout", 0.0)
+  if dropout is None:
+    dropout = 0.0
+  if not _is_finite(dropout) or not 0.0 <= float(dropout) < 1.0:
+    raise bad(f"lora_dropout must be a number in [0, 1) (a dropout rate), found {_short(dropout)}.")
   if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
     raise bad(f"bias must be 'none', 'all' or 'lora_only', found {_short(cfg.get('bias'))}.")
   patterns = {}
@@ -524,19 +636,21 @@ def _check_config(cfg: dict[str, Any], bad: Callable[[str], AdapterFileError]) -
       raise bad(f"target_modules regex {_short(targets)} is refused: {e}.") from None
   elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
     raise bad(f"target_modules must be a regex string or a list of module names, found {_short(targets)}.")
-  return dict(r=r, alpha=alpha, rslora=rslora, rank_pattern=cfg.get("rank_pattern") or {},
+  return dict(r=r, alpha=alpha, rslora=rslora, use_dora=use_dora, dropout=float(dropout),
+              rank_pattern=cfg.get("rank_pattern") or {},
               alpha_pattern=cfg.get("alpha_pattern") or {}, patterns=patterns)
 
 
 def read_peft(directory: str | os.PathLike) -> PeftAdapter:
-  """Reads and validates a PEFT LoRA directory (never unpickling anything).
+  """Reads and validates a PEFT LoRA or DoRA directory (never unpickling anything).
 
   Raises:
     FileNotFoundError: no ``adapter_config.json`` in ``directory``.
     AdapterFileError: a ``.bin`` pickle only, a malformed config or tensor file, a method
-      other than plain LoRA (DoRA, LoRA bias, BD-LoRA, LoHa, ...: named), factor shapes that
-      contradict the config's ranks, pattern keys outside the safe regex subset, or
-      non-finite values.
+      other than plain LoRA and DoRA (LoRA bias, BD-LoRA, LoHa, ...: named), factor shapes
+      that contradict the config's ranks, pattern keys outside the safe regex subset, a DoRA
+      magnitude missing, of the wrong shape or dtype, or present without ``use_dora``, DoRA
+      on an embedding, or non-finite values.
 
   >>> import tempfile, lora_jax
   >>> f = LoraFactors(a=jnp.ones((4, 2)), b=jnp.ones((2, 3)), scale=0.5, layout="io")
@@ -574,9 +688,15 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
   for key, value in tensors.items():
     inner = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     m = _KEY.fullmatch(inner)
+    if m is not None and m["kind"] == _MAGNITUDE:
+      if not c["use_dora"]:
+        raise AdapterFileError(
+            f"{weights}: {_short(key)} is a DoRA magnitude, but {PEFT_CONFIG} does not set "
+            "use_dora: true; refusing a file and config that disagree."
+        )
+      parts[m["module"]]["M"] = (key, value)
+      continue
     if m is None:
-      if "lora_magnitude_vector" in key:
-        raise AdapterFileError(f"{weights}: {key!r} is a DoRA magnitude; DoRA is not supported by lora_jax.")
       if "lora_" in key:
         raise AdapterFileError(
             f"{weights}: {key!r} is a LoRA tensor lora_jax does not understand (LoRA bias, a "
@@ -592,6 +712,8 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
     slot[which] = value
   modules = {}
   for name, slot in parts.items():
+    if "A" not in slot and "B" not in slot:
+      raise AdapterFileError(f"{weights}: module {_short(name)} has a {_MAGNITUDE} but no lora_A / lora_B factors.")
     if "A" not in slot or "B" not in slot:
       raise AdapterFileError(f"{weights}: module {name!r} has only lora_{'A' if 'A' in slot else 'B'}; both factors are needed.")
     A, B = slot["A"], slot["B"]
@@ -622,8 +744,9 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
     for label, x in (("lora_A", A), ("lora_B", B)):
       if not np.isfinite(x.astype(np.float32)).all():
         raise AdapterFileError(f"{weights}: {name}.{label} holds NaN or Inf; refusing a non-finite adapter.")
+    magnitude = _magnitude(weights, name, slot, B.shape[0]) if c["use_dora"] else None
     scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
-    modules[name] = PeftModule(name, slot["embedding"], A, B, rank, mod_alpha, scale)
+    modules[name] = PeftModule(name, slot["embedding"], A, B, rank, mod_alpha, scale, magnitude)
   if not modules:
     raise AdapterFileError(f"{weights}: holds no LoRA tensors (keys: {[_short(k) for k in sorted(tensors)[:5]]}).")
   biases = [k for k in ignored if k.endswith(".bias")]
@@ -633,7 +756,33 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
         f"{_short(biases[0])}...; lora_jax imports LoRA factors only, and leaving the biases out "
         "would change the model. Merge the adapter in PEFT (merge_and_unload) instead."
     )
-  return PeftAdapter(cfg, dict(sorted(modules.items())), tuple(ignored))
+  return PeftAdapter(cfg, dict(sorted(modules.items())), tuple(ignored), c["use_dora"], c["dropout"])
+
+
+def _magnitude(weights: str, name: str, slot: Mapping[str, Any], out: int) -> np.ndarray:
+  """The DoRA magnitude of module ``name`` (a Linear with ``out`` features), validated."""
+  if slot["embedding"]:
+    raise AdapterFileError(
+        f"{weights}: module {name!r} is a DoRA embedding (use_dora with lora_embedding_A/B); "
+        "lora_jax's DoRA adapts matmul kernels, not embeddings. Merge it in PEFT "
+        "(merge_and_unload) instead."
+    )
+  if "M" not in slot:
+    raise AdapterFileError(
+        f"{weights}: module {name!r} has no {_PREFIX}{name}.{_MAGNITUDE}, which DoRA "
+        "(use_dora: true) needs for every module; a damaged or partial file."
+    )
+  key, m = slot["M"]
+  if tuple(m.shape) != (out,):
+    raise AdapterFileError(
+        f"{weights}: {_short(key)} has shape {tuple(m.shape)}, expected ({out},): one magnitude "
+        f"per output feature of {name!r}, whose lora_B is ({out}, r)."
+    )
+  if not jnp.issubdtype(m.dtype, jnp.floating):
+    raise AdapterFileError(f"{weights}: {_short(key)} has dtype {m.dtype}; a DoRA magnitude is a float tensor.")
+  if not np.isfinite(m.astype(np.float32)).all():
+    raise AdapterFileError(f"{weights}: {_short(key)} holds NaN or Inf; refusing a non-finite DoRA magnitude.")
+  return m
 
 
 def _common_dtype(dtypes: list[Any]) -> np.dtype:
@@ -643,6 +792,20 @@ def _common_dtype(dtypes: list[Any]) -> np.dtype:
   if len(set(dtypes)) == 1:
     return dtypes[0]
   return np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
+
+
+def _base_norm(directory: Any, name: str, path: str, leaf: Any, layout: str) -> jax.Array:
+  """``||W||`` per output feature of the kernel ``leaf`` (DoraFactors.base_norm), in float32
+  or wider; raises when ``params`` holds only its shape."""
+  if isinstance(leaf, jax.ShapeDtypeStruct) or not hasattr(leaf, "__array__"):
+    raise ValueError(
+        f"import_peft({os.fspath(directory)}): {name!r} is DoRA (use_dora: true), and DoRA "
+        f"adapters keep the column norms of their base kernel (DoraFactors.base_norm, which "
+        f"unmerge needs), but params[{path!r}] is a {type(leaf).__name__} without values. Pass "
+        "the params themselves (arrays, e.g. lora_jax.load_params(...)), not their shapes."
+    )
+  w = jnp.asarray(leaf)
+  return dense_column_norm(w.astype(jnp.promote_types(w.dtype, jnp.float32)), layout)
 
 
 def import_peft(
@@ -661,23 +824,29 @@ def import_peft(
   from ``rank_pattern`` / ``alpha_pattern``. Keys that are not LoRA factors (``base_layer``
   or ``modules_to_save`` weights, trainable tokens) are not imported: a ``UserWarning`` lists
   them. Layers of a stack missing from the file get zero factors (an exact no-op), also
-  with a warning.
+  with a warning. ``lora_dropout`` becomes every adapter's ``dropout``.
+
+  A DoRA directory (``use_dora: true``) gives :class:`~lora_jax.DoraFactors`: ``m`` is the
+  file's ``lora_magnitude_vector``, and ``base_norm`` (which PEFT does not store) is the
+  column norm of the kernel in ``params``, so DoRA needs ``params`` with values, not shapes.
 
   Args:
     directory: the PEFT adapter directory.
-    params: the Flax params the adapters are for (arrays or ``jax.ShapeDtypeStruct`` s).
+    params: the Flax params the adapters are for (arrays or ``jax.ShapeDtypeStruct`` s; arrays
+      for DoRA).
     name_map: as for :func:`export_peft`.
     dtype: cast the factors (default: keep the file's dtype, usually float32; factors of
       mixed dtypes become float32, or float64 if one is; float64 is float32 in JAX unless
       ``jax_enable_x64``).
 
   Returns:
-    Adapters mirroring ``params``.
+    Adapters mirroring ``params``: ``LoraFactors``, or ``DoraFactors`` for a DoRA directory.
 
   Raises:
     AdapterFileError: see :func:`read_peft`.
-    ValueError: a torch module the name map does not locate in ``params``, or factor shapes
-      that do not fit the kernel (names the module, expected vs found); never a partial result.
+    ValueError: a torch module the name map does not locate in ``params``, factor shapes
+      that do not fit the kernel (names the module, expected vs found), or a DoRA directory
+      with ``params`` that hold shapes only; never a partial result.
 
   >>> import tempfile, jax, lora_jax
   >>> params = {"lm_head": {"kernel": jnp.ones((4, 8))}}
@@ -685,6 +854,12 @@ def import_peft(
   >>> d = export_peft(tempfile.mkdtemp(), ad, "llama")
   >>> import_peft(d, params, "llama")["lm_head"]["kernel"].scale
   8.0
+  >>> f = lora_jax.DoraFactors(a=jnp.ones((4, 1)), b=jnp.ones((1, 8)), m=jnp.full(8, 3.0),
+  ...                          base_norm=jnp.full(8, 2.0), scale=0.5, layout="io")
+  >>> d = export_peft(tempfile.mkdtemp(), {"lm_head/kernel": f}, "llama")  # writes use_dora: true
+  >>> g = import_peft(d, params, "llama")["lm_head"]["kernel"]
+  >>> type(g).__name__, g.m[:2], g.base_norm[:2]  # base_norm: ||W|| per column of params' kernel
+  ('DoraFactors', Array([3., 3.], dtype=float32), Array([2., 2.], dtype=float32))
   """
   nm = _as_name_map(name_map)
   adapter = read_peft(directory)
@@ -736,25 +911,37 @@ def import_peft(
           "Load the model with scan_layers=False (one kernel per layer) instead."
       )
     rank, scale = mods[0].r, mods[0].scale
-    out_dtype = dtype if dtype is not None else _common_dtype([m.A.dtype for m in mods] + [m.B.dtype for m in mods])
+    dtypes = [x.dtype for m in mods for x in (m.A, m.B, m.magnitude) if x is not None]
+    out_dtype = dtype if dtype is not None else _common_dtype(dtypes)
     if len(shape) == 2:
       a, b = mods[0].A.T, mods[0].B.T
       layout = "io"
     else:
       missing = [i for i in range(shape[0]) if i not in layers]
       if missing:
-        notes.append(f"{path}: layers {missing} have no adapter in the file; their factors are zero")
+        notes.append(
+            f"{path}: layers {missing} have no adapter in the file; their factors are zero"
+            + (" and their DoRA magnitudes the base's column norms (a no-op)" if adapter.use_dora else "")
+        )
       a = np.zeros((shape[0], kin, rank), out_dtype)
       b = np.zeros((shape[0], rank, kout), out_dtype)
       for i, mod in layers.items():
         a[i], b[i] = mod.A.T, mod.B.T
       layout = "lio"
-    flat[path] = LoraFactors(
-        a=jnp.asarray(np.asarray(a).astype(out_dtype)),
-        b=jnp.asarray(np.asarray(b).astype(out_dtype)),
-        scale=float(scale),
-        layout=layout,
-        rslora=rslora,
+    a, b = jnp.asarray(np.asarray(a).astype(out_dtype)), jnp.asarray(np.asarray(b).astype(out_dtype))
+    if not adapter.use_dora:
+      flat[path] = LoraFactors(a=a, b=b, scale=float(scale), layout=layout, rslora=rslora, dropout=adapter.dropout)
+      continue
+    base_norm = _base_norm(directory, mods[0].name, path, leaf, layout)
+    if len(shape) == 2:
+      m = mods[0].magnitude
+    else:
+      m = np.array(base_norm, np.float64)  # a layer missing from the file: m = ||W||, a no-op
+      for i, mod in layers.items():
+        m[i] = mod.magnitude
+    flat[path] = DoraFactors(
+        a=a, b=b, m=jnp.asarray(np.asarray(m).astype(out_dtype)), base_norm=base_norm.astype(out_dtype),
+        scale=float(scale), layout=layout, rslora=rslora, dropout=adapter.dropout,
     )
   ordered = {p: flat[p] for p, _ in leaves_with_paths(params) if p in flat}
   tree = adapters_to_tree(ordered, params)

@@ -235,8 +235,12 @@ def cmd_convert(args: argparse.Namespace) -> str:
   if not args.base:
     raise UsageError("convert --to lora_jax needs --base BASE.safetensors (flat-path params) for the kernel shapes.")
   _writable("OUT", args.out, "directory" if not args.out.endswith(".safetensors") else "file")
+  from lora_jax.interop import read_peft
+
   shapes = _base_shapes(args.base)
-  adapters = _read_adapters(args.src, shapes, args.name_map)
+  # DoRA's base_norm is computed from the kernels' values; plain LoRA needs their shapes only.
+  base = io.load_params(args.base, check_dtype=False) if read_peft(args.src).use_dora else shapes
+  adapters = _read_adapters(args.src, base, args.name_map)
   _write("OUT", args.out, io.save, args.out, adapters, params=shapes,
          metadata={"converted_from": "peft", "source": os.path.abspath(args.src)})
   return f"wrote lora_jax adapters ({len(files_flatten(adapters))} adapted kernels) to {args.out}"

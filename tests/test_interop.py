@@ -242,10 +242,6 @@ def test_refusals(tmp_path):
   (d / "adapter_model.bin").write_bytes(b"\x80\x04.")
   with pytest.raises(io.AdapterFileError, match="refusing to read a pickle-based file .* safetensors"):
     import_peft(d, params, "llama")
-  d = _peft_dir(tmp_path / "dora", use_dora=True)
-  io.write_safetensors(d / "adapter_model.safetensors", {"base_model.model.q.lora_A.weight": np.ones((2, 4), np.float32)})
-  with pytest.raises(io.AdapterFileError, match="DoRA \\(use_dora=true\\) is not supported"):
-    import_peft(d, params, "llama")
   d = _peft_dir(tmp_path / "loha", peft_type="LOHA")
   io.write_safetensors(d / "adapter_model.safetensors", {"x": np.ones(1, np.float32)})
   with pytest.raises(io.AdapterFileError, match="peft_type is 'LOHA'; lora_jax imports plain LoRA"):
@@ -329,16 +325,6 @@ def test_peft_dir_given_to_load(tmp_path):
     lora_jax.load(tmp_path)
   with pytest.raises(FileNotFoundError, match="no adapter_config.json; not a PEFT adapter directory"):
     import_peft(tmp_path / "nope", {"lm_head": {"kernel": jnp.ones((4, 3))}}, "llama")
-
-
-@pytest.mark.interop
-@interop
-def test_real_dora_dir_refused(tmp_path, tiny_llama):
-  torch_model, models = tiny_llama
-  config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
-  peft.get_peft_model(copy.deepcopy(torch_model), config).save_pretrained(tmp_path)
-  with pytest.raises(io.AdapterFileError, match="DoRA \\(use_dora=true\\) is not supported by lora_jax; merge it in PEFT"):
-    import_peft(tmp_path, models[True][2], "llama")
 
 
 @pytest.mark.interop

@@ -217,8 +217,8 @@ class DoraFactors(Adapter):
   def check_target(cls, target: Any) -> None:
     if target.is_embedding:
       raise ValueError(
-          f"{target.path!r}: DoRA adapts matmul and convolution kernels, not embeddings (PEFT "
-          "refuses DoRA on embeddings too); leave the embedding out of the targets, or use "
+          f"{target.path!r}: DoRA adapts matmul and convolution kernels, not embeddings "
+          "(lora_jax has no embedding DoRA yet); leave the embedding out of the targets, or use "
           "plain LoRA (kind='lora') for it."
       )
 

@@ -20,7 +20,7 @@ from lora_jax.transform import (
     wrap,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "adapter_shardings",

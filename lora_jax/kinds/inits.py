@@ -8,6 +8,7 @@ model's output is unchanged at step 0).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -78,10 +79,19 @@ def base_digest(w: Array) -> str:
     return DIGEST_PENDING
   n = int(np.prod(w.shape))
   idx = np.linspace(0, max(n - 1, 0), min(n, 4096)).astype(np.int64)
-  sample = np.asarray(jnp.asarray(jnp.reshape(w, (-1,))[idx]).astype(jnp.bfloat16)).view(np.uint16)
+  if isinstance(w, np.ndarray):
+    sample = np.reshape(w, (-1,))[idx].astype(jnp.bfloat16)
+  else:  # gathered where the kernel lives (only the sample comes to the host)
+    sample = np.asarray(_sample(w, idx))
+  sample = sample.view(np.uint16)
   h = hashlib.sha256(repr(tuple(int(d) for d in w.shape)).encode())
   h.update(sample.tobytes())
   return h.hexdigest()[:16]
+
+
+@jax.jit
+def _sample(w: Array, idx: Array) -> Array:
+  return jnp.reshape(w, (-1,))[idx].astype(jnp.bfloat16)
 
 
 def factor_shapes(target: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -116,10 +126,17 @@ def initial_factors(key: Array, target: Any, dtype: Any, w: Array | None = None)
         f"{target.path!r}: init={name!r} divides the singular values by the scale alpha/r = "
         f"{target.scale}, which must be positive; use alpha > 0."
     )
-  w = jnp.asarray(w)
+  return _base_changing(key, jnp.asarray(w), name=name, layout=target.layout, rank=target.rank,
+                        scale=float(target.scale), dtype=jnp.dtype(dtype), a_shape=a_shape, b_shape=b_shape)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "layout", "rank", "scale", "dtype", "a_shape", "b_shape"))
+def _base_changing(key, w, *, name, layout, rank, scale, dtype, a_shape, b_shape):
+  """``(a, b, residual)`` of a base-changing init; one compiled function per kernel shape and
+  options (inlined under an outer jit)."""
   acc = jnp.promote_types(w.dtype, jnp.float32)
-  m = _matrices(w.astype(acc), target.layout)  # (*L, fan_in, fan_out)
-  r = target.rank
+  m = _matrices(w.astype(acc), layout)  # (*L, fan_in, fan_out)
+  r = rank
   if name == "olora":
     # PEFT: Q, R = qr(W) of the torch (out, in) weight; lora_B = Q[:, :r], lora_A = R[:r]; no
     # scaling. Ours is the transpose: a = lora_A^T, b = lora_B^T.
@@ -132,15 +149,15 @@ def initial_factors(key: Array, target: Any, dtype: Any, w: Array | None = None)
       u, sv, vh = jnp.linalg.svd(m, full_matrices=False)
       u, sv, vh = u[..., :r], sv[..., :r], vh[..., :r, :]
     else:
+      # PEFT: V, S, U = svd_lowrank(W^T, r, niter=K) of the torch weight.
       v, sv, u = svd_lowrank(jnp.swapaxes(m, -1, -2), r, int(_NITER.fullmatch(name).group(1)), key)
       vh = jnp.swapaxes(v, -1, -2)
-    root = jnp.sqrt(sv / jnp.asarray(target.scale, acc))
+    root = jnp.sqrt(sv / jnp.asarray(scale, acc))
     a, b = u * root[..., None, :], root[..., :, None] * vh
-  a, b = (_unflatten(x, target, role).astype(dtype) for x, role in ((a, "lir"), (b, "lro")))
+  a, b = jnp.reshape(a, a_shape).astype(dtype), jnp.reshape(b, b_shape).astype(dtype)
   # The residual against the factors as stored (in their dtype), so that
   # W_res + scale * a @ b reproduces W up to the kernel's rounding.
-  d = einsum_delta(a, leaf_labels("lir", target.layout), b, leaf_labels("lro", target.layout),
-                   kernel_labels(target.layout), target.scale)
+  d = einsum_delta(a, leaf_labels("lir", layout), b, leaf_labels("lro", layout), kernel_labels(layout), scale)
   new_w = (w.astype(jnp.promote_types(acc, d.dtype)) - d).astype(w.dtype)
   return a, b, new_w
 
@@ -158,12 +175,7 @@ def _matrices(w: Array, layout: str) -> Array:
   return jnp.reshape(wt, (*lead, int(np.prod(ins)), int(np.prod(outs))))
 
 
-def _unflatten(x: Array, target: Any, role: str) -> Array:
-  """A factor of shape ``(*L, fan_in, r)`` / ``(*L, r, fan_out)`` in its leaf shape."""
-  a_shape, b_shape = factor_shapes(target)
-  return jnp.reshape(x, a_shape if role == "lir" else b_shape)
-
-
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def svd_lowrank(m: Array, q: int, niter: int, key: Array) -> tuple[Array, Array, Array]:
   """``(U, S, V)`` with ``m ~ U diag(S) V^T``, ``q`` components, batched over leading axes:
   :func:`torch.svd_lowrank` (Halko et al. 2009, algorithms 4.4 and 5.1, ``niter`` subspace
@@ -186,7 +198,7 @@ def svd_lowrank(m: Array, q: int, niter: int, key: Array) -> tuple[Array, Array,
     basis = jnp.linalg.qr(mm(at, basis))[0]
     return jnp.linalg.qr(mm(a, basis))[0]
 
-  basis = jax.lax.fori_loop(0, niter, power, basis)
+  basis = jax.lax.fori_loop(0, niter, power, basis)  # as torch: QR after each product
   u, s, vh = jnp.linalg.svd(mm(jnp.swapaxes(basis, -1, -2), a), full_matrices=False)
   u, v = mm(basis, u), jnp.swapaxes(vh, -1, -2)
   return (v, s, u) if wide else (u, s, v)

@@ -685,7 +685,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
   >>> d = lora_jax.save(tempfile.mkdtemp() + "/run", {"dense/kernel": f})
   >>> e = load_config(d)["adapters"]["dense/kernel"]
   >>> e["kind"], e["static"], e["rank"], e["alpha"], e["tensors"]["b"]
-  ('lora', {'scale': 4.0, 'layout': 'io', 'rslora': False}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
+  ('lora', {'scale': 4.0, 'layout': 'io', 'rslora': False, 'dropout': 0.0, 'base_digest': None}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
   """
   version, tensor_path, json_path = _locate(path)
   if version == 1:

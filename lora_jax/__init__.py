@@ -2,6 +2,7 @@
 
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
 from lora_jax.kinds import DoraFactors, LoraFactors
+from lora_jax.kinds.convert import to_original_base
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
 from lora_jax.layout import infer_layout
@@ -57,6 +58,7 @@ __all__ = [
     "Target",
     "THIN_PRODUCT_NAME",
     "to_nnx",
+    "to_original_base",
     "trainable_mask",
     "unmerge",
     "wrap",

@@ -116,14 +116,14 @@ def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) 
       entries.append(None)
       base.append(leaf)
       continue
-    w = dense(leaf) if _has_values(leaf) else None
-    made = _kind_init(spec.kind, next(keys), t, spec.dtype or leaf.dtype, w)
-    f, new_w = made if isinstance(made, tuple) else (made, None)
-    if new_w is not None and is_base_leaf(leaf):
+    if changes_base(t.init) and is_base_leaf(leaf):  # before an SVD of the dequantized kernel
       raise ValueError(
           f"{path!r}: init={t.init!r} replaces the base kernel, which here is a "
           f"{type(leaf).__name__}; start from a dense kernel (quantize after split)."
       )
+    w = dense(leaf) if _has_values(leaf) else None
+    made = _kind_init(spec.kind, next(keys), t, spec.dtype or leaf.dtype, w)
+    f, new_w = made if isinstance(made, tuple) else (made, None)
     entries.append(f)
     new_kernels.append(new_w)
     base.append(leaf if new_w is None else _like(new_w, leaf))

@@ -63,6 +63,7 @@ from lora_jax.files.safetensors import (
 )
 from lora_jax.kinds import Adapter, is_adapter, kernel_labels, kind_named, leaf_labels
 from lora_jax.kinds import registered_kinds
+from lora_jax.kinds.inits import DIGEST_PENDING, base_digest
 from lora_jax.kinds.lora import factor_shapes
 from lora_jax.spec import LoraSpec
 
@@ -374,11 +375,14 @@ def save(
       ``alpha = scale * rank``).
     metadata: JSON-serialisable extra information (step, dataset, ...), stored verbatim.
     params: the base params; if given, the adapters are checked against them and the kernel
-      dtypes are recorded.
+      dtypes are recorded. Adapters of a base-changing init (PiSSA, OLoRA) made under
+      ``jax.jit`` record the digest of their base kernel only here (they cannot be saved
+      without ``params``); ones made outside a jit are checked against it.
 
   Raises:
     ValueError: adapters that do not fit ``params``, hold NaN/Inf, or disagree with ``spec``;
-      a destination that is a directory where the file should go.
+      PiSSA/OLoRA adapters whose base is not the kernel in ``params`` (or made under jit and
+      saved without ``params``); a destination that is a directory where the file should go.
     TypeError: integer factors, metadata or a spec field that cannot be saved.
 
   >>> import tempfile, lora_jax
@@ -395,6 +399,7 @@ def save(
   flat = flatten_adapters(adapters)
   if not flat:
     raise ValueError("save: the adapters hold no adapters (only None); nothing to save.")
+  flat = {name: _with_digest(name, f, kernels.get(name), params is not None) for name, f in flat.items()}
   # rsLoRA: from the spec, else from the adapters themselves (LoraFactors records it).
   rslora = bool(spec.rslora) if spec is not None else all(bool(getattr(f, "rslora", False)) for f in flat.values())
   tensors, entries = {}, {}
@@ -680,7 +685,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
   >>> d = lora_jax.save(tempfile.mkdtemp() + "/run", {"dense/kernel": f})
   >>> e = load_config(d)["adapters"]["dense/kernel"]
   >>> e["kind"], e["static"], e["rank"], e["alpha"], e["tensors"]["b"]
-  ('lora', {'scale': 4.0, 'layout': 'io', 'rslora': False}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
+  ('lora', {'scale': 4.0, 'layout': 'io', 'rslora': False, 'dropout': 0.0, 'base_digest': None}, 1, 4.0, {'dtype': 'float32', 'shape': [1, 2]})
   """
   version, tensor_path, json_path = _locate(path)
   if version == 1:
@@ -720,7 +725,10 @@ def load(
   Raises:
     FileNotFoundError: nothing saved at ``path``.
     AdapterFileError: a malformed, edited, corrupted, pickled or non-finite file, or an
-      adapter kind this lora_jax does not know; the message names the file and the path.
+      adapter kind this lora_jax does not know; adapters of a base-changing init (PiSSA,
+      OLoRA) whose recorded base digest differs from the kernel's in ``params`` (they fit only
+      the residual base :func:`lora_jax.split` returned; quantized or abstract kernels are not
+      checked); the message names the file and the path.
     ValueError: adapters that do not fit ``params`` (names the path, expected and found).
 
   >>> import tempfile, lora_jax
@@ -776,7 +784,66 @@ def load(
       raise fail(tensor_path, f"adapters[{short(name)}]: kind {e['kind']!r} refused its saved fields ({err}).") from None
   if params is None:
     return flat
-  return _mirror(flat, params, {k: e["kernel"] for k, e in entries.items()}, check_dtype, source=os.fspath(path))
+  tree = _mirror(flat, params, {k: e["kernel"] for k, e in entries.items()}, check_dtype, source=os.fspath(path))
+  _check_digests(tensor_path, flat, params)
+  return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Base digests: adapters of a base-changing init (PiSSA, OLoRA) fit only the residual base.
+# ----------------------------------------------------------------------------------------------
+
+_FIX_BASE = (
+    "Load them onto the residual base that lora_jax.split returned with them (keep it with "
+    "lora_jax.save_params(path, base) and read it back with lora_jax.load_params), or convert "
+    "them to plain LoRA on the original weights with lora_jax.to_original_base(adapters, "
+    "initial_adapters)."
+)
+
+
+def _digest_of(leaf: Any) -> str | None:
+  """The kernel's base digest, or None where it cannot be told (no values, a quantized leaf)."""
+  if not isinstance(leaf, (jax.Array, np.ndarray)) or isinstance(leaf, jax.core.Tracer):
+    return None
+  return base_digest(leaf)
+
+
+def _with_digest(name: str, f: Adapter, leaf: Any, have_params: bool) -> Adapter:
+  """``f`` with its base digest filled in (made under jit) or checked against ``leaf``."""
+  digest = getattr(f, "base_digest", None)
+  if digest is None:
+    return f
+  found = _digest_of(leaf) if have_params else None
+  if digest == DIGEST_PENDING:
+    if found is None:
+      raise ValueError(
+          f"{name!r}: these adapters were made under a trace (jax.jit(lora_jax.split)) by a "
+          "base-changing init, so they do not yet record which base they belong to. Pass the "
+          "residual base that split returned (dense arrays): lora_jax.save(path, adapters, params=base)."
+      )
+    return f.replace(base_digest=found)
+  if found is not None and found != digest:
+    raise ValueError(
+        f"{name!r}: these adapters were made by a base-changing init (PiSSA/OLoRA) for a base "
+        f"kernel with digest {digest!r}, but params hold one with digest {found!r} (the original "
+        "weights rather than the residual?). Save them with params=the residual base that "
+        "lora_jax.split returned with them, or convert them to plain LoRA on the original "
+        "weights first with lora_jax.to_original_base(adapters, initial_adapters)."
+    )
+  return f
+
+
+def _check_digests(tensor_path: str, flat: Mapping[str, Adapter], params: PyTree) -> None:
+  by_path = dict(leaves_with_paths(params))
+  for name, f in flat.items():
+    digest = getattr(f, "base_digest", None)
+    found = _digest_of(by_path[name]) if digest not in (None, DIGEST_PENDING) else None
+    if found is not None and found != digest:
+      raise fail(tensor_path, (
+          f"adapters[{short(name)}] were made by a base-changing init (PiSSA/OLoRA) for a base kernel "
+          f"with digest {digest!r}; these params hold one with digest {found!r} (the original weights "
+          f"rather than the residual base?). {_FIX_BASE}"
+      ))
 
 
 def _mirror(

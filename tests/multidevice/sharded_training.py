@@ -99,6 +99,19 @@ def main():
   np.testing.assert_allclose(float(pm_loss), float(ref_loss), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(pm_ad), jax.tree.leaves(ref_ad)):
     assert_close(a, b, RTOL)
+  # PiSSA on the sharded kernels: the residual base keeps each kernel's sharding, eagerly and
+  # under jit, and the output is unchanged at step 0.
+  pissa = lora_jax.LoraSpec(["up", "down"], rank=4, init="pissa")
+  apply = lora_jax.wrap(MLP().apply)
+  want = MLP().apply(params, x)
+  for res, ad in (
+      lora_jax.split(jax.random.key(3), sharded, pissa),
+      jax.jit(lambda p: lora_jax.split(jax.random.key(3), p, pissa), out_shardings=(
+          jax.tree.map(lambda v: v.sharding, sharded), None))(sharded),
+  ):
+    for name in ("up", "down"):
+      assert res["params"][name]["kernel"].sharding == sharded["params"][name]["kernel"].sharding, name
+    assert_close(apply(res, ad, x), want, RTOL)
   print("MULTIDEVICE OK", float(ref_loss))
 
 

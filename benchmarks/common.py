@@ -344,13 +344,32 @@ def llama_param_counts(cfg: BenchConfig) -> dict[str, int]:
           "matmul": layers + head, "total": layers + head + embed + norms}
 
 
-def lora_param_count(cfg: BenchConfig, rank: int, targets: str) -> int:
+def _kernel_shapes(cfg: BenchConfig, targets: str) -> list[tuple[int, int]]:
+  """(fan_in, fan_out) of each adapted kernel of one layer."""
   d, f, hd = cfg.hidden, cfg.mlp, cfg.head_dim
   q, kv = cfg.heads * hd, cfg.kv_heads * hd
   shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
   names = shapes if targets == "all" else ["q_proj", "v_proj"]
-  return cfg.layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
+  return [shapes[n] for n in names]
+
+
+def lora_param_count(cfg: BenchConfig, rank: int, targets: str) -> int:
+  """The ``a``, ``b`` factors' parameter count (DoRA adds one magnitude per output feature)."""
+  return cfg.layers * sum(rank * (i + o) for i, o in _kernel_shapes(cfg, targets))
+
+
+def dora_magnitude_count(cfg: BenchConfig, targets: str) -> int:
+  return cfg.layers * sum(o for _, o in _kernel_shapes(cfg, targets))
+
+
+def dora_norm_flops(cfg: BenchConfig, rank: int, targets: str) -> float:
+  """FLOPs of DoRA's column norm ``||W + s*a@b||`` per step, computed from the factors (as
+  lora_jax does, once per step, forward only: the norm is detached): per kernel ``||W||^2``
+  (``2 N``), ``a^T W`` (``2 r N``), the Gram ``a^T a`` (``2 r^2 fan_in``) and ``b^T G b``
+  (``2 r^2 fan_out``). Per step, not per token: ~0.2% of a TinyLlama LoRA step."""
+  r = rank
+  return float(cfg.layers * sum(2 * i * o * (1 + r) + 2 * r * r * (i + o) for i, o in _kernel_shapes(cfg, targets)))
 
 
 def attention_flops_per_token(cfg: BenchConfig) -> float:
@@ -358,13 +377,17 @@ def attention_flops_per_token(cfg: BenchConfig) -> float:
   return 2.0 * cfg.seq * cfg.heads * cfg.head_dim * cfg.layers
 
 
-def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0) -> float:
+def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0, *, rank: int | None = None,
+                targets: str = "all") -> float:
   """Model FLOPs of one training step.
 
   Full fine-tuning: ``6 * N * tokens`` (forward 2N, input gradient 2N, weight gradient 2N).
   LoRA: ``(4 * N + 6 * N_adapter) * tokens``: the frozen weights need no weight gradient, the
   adapters need all three. ``N`` counts matmul weights (layers + lm_head, no embedding lookup).
-  Attention adds ``3 x`` its causal forward FLOPs in both cases.
+  Attention adds ``3 x`` its causal forward FLOPs in both cases. DoRA (``kind="dora"``, with
+  ``N_adapter`` the ``a``, ``b`` count): LoRA's count plus :func:`dora_norm_flops` once per
+  step; the output rescale by ``m / norm`` and ``m``'s gradient are elementwise (not counted,
+  like every elementwise op here).
   """
   n = llama_param_counts(cfg)["matmul"]
   attn = 3 * attention_flops_per_token(cfg)
@@ -372,7 +395,8 @@ def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0) -> float:
     per_token = 6 * n + attn
   else:
     per_token = 4 * n + 6 * n_adapter + attn
-  return per_token * cfg.tokens
+  extra = dora_norm_flops(cfg, rank, targets) if kind == "dora" else 0.0
+  return per_token * cfg.tokens + extra
 
 
 def forward_flops(cfg: BenchConfig, n_adapter: int = 0) -> float:
@@ -384,7 +408,9 @@ FLOP_NOTE = (
     "MFU = model FLOPs / step time / measured bf16 matmul peak. Model FLOPs: full FT 6*N*tokens; "
     "LoRA (4*N + 6*N_adapter)*tokens (no weight gradient for frozen weights); N = matmul "
     "weights incl. lm_head, no embedding; + 3x causal attention forward (2*T*d*L per token). "
-    "Remat recomputation is not counted."
+    "Remat recomputation is not counted. DoRA: LoRA's count (a, b) + the column norm from the "
+    "factors once per step (2(r+1)N_adapted + 2r^2(fan_in+fan_out) per kernel), the same count "
+    "for lora_jax and PEFT; elementwise rescale not counted."
 )
 
 

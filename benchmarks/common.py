@@ -83,11 +83,28 @@ def add_runner_args(p: Any, timeout_s: float) -> None:
   p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
   p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
   p.add_argument("--timeout-s", type=float, default=timeout_s, help="per-variant subprocess limit")
+  p.add_argument("--end-s", type=float, default=None,
+                 help="end the run this many seconds after it started: each subprocess's limit is cut to "
+                      "what is left (one cut short records a timeout error), and no variant starts with less "
+                      "than --min-start-s left")
+  p.add_argument("--min-start-s", type=float, default=30.0, help="with --end-s: skip variants with less time left")
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--iters", type=int, default=None)
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
   p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+
+
+def over_budget(args: Any, elapsed: float) -> bool:
+  """Whether a variant may no longer start: past ``--budget-s``, or too close to ``--end-s``."""
+  if elapsed > args.budget_s:
+    return True
+  return args.end_s is not None and args.end_s - elapsed < args.min_start_s
+
+
+def worker_timeout(args: Any, elapsed: float) -> float:
+  """``--timeout-s``, cut to the time left before ``--end-s``."""
+  return args.timeout_s if args.end_s is None else max(1.0, min(args.timeout_s, args.end_s - elapsed))
 
 
 def runner_config(args: Any) -> BenchConfig:
@@ -194,6 +211,8 @@ def env_info(framework: str = "jax") -> dict[str, Any]:
       "host": platform.node(),
       "lora_jax_commit": git_commit(),
       "lora_jax_source_sha256": source_hash(),
+      # run_gpu.sh sets it once per invocation: rows of several scripts from one run share it.
+      "run_id": os.environ.get("LORA_BENCH_RUN_ID"),
       "versions": {
           n: _version(n)
           for n in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "qwix", "jax-lorax")

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   keys = args.variants.split(",") if args.variants else list(PLAN)
   for key in keys:
     key = key.strip()
-    if time.perf_counter() - t_start > args.budget_s:
+    if common.over_budget(args, time.perf_counter() - t_start):
       row = dict(zip(("kind", "targets", "mode"), _parse(key)), skipped="time budget")
     elif inprocess:
       row = measure(*_parse(key), cfg, peak_tflops)
@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       row = common.run_worker(
           [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--peak-tflops", str(peak_tflops),
            "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)],
-          args.timeout_s,
+          common.worker_timeout(args, time.perf_counter() - t_start),
       )
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
+    row["run_id"] = env.get("run_id")
     rows[:] = [r for r in rows if r.get("variant") != key] + [row]
     common.write_json(out, payload)
     status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"

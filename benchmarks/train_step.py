@@ -371,16 +371,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if done:  # already measured (e.g. '@best' resolved to a tune that ran before)
       print(f"  {key:36s} kept from {done[0].get('run_utc')}", flush=True)
       return done[0]
-    if time.perf_counter() - t_start > args.budget_s:
+    if common.over_budget(args, time.perf_counter() - t_start):
       row = dict(impl=impl, targets=targets, tune=tune, skipped="time budget")
     elif inprocess:
       row = measure(impl, targets, tune, cfg, peak_tflops, args.rank)
     else:
       argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
               "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
-      row = common.run_worker(argv, args.timeout_s)
+      row = common.run_worker(argv, common.worker_timeout(args, time.perf_counter() - t_start))
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
+    row["run_id"] = env.get("run_id")
     rows[:] = [r for r in rows if r.get("variant") != key] + [row]
     payload["best_tune"] = best()
     common.write_json(out, payload)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for key in keys:
     key = key.strip()
     if common.over_budget(args, time.perf_counter() - t_start):
-      row = dict(zip(("kind", "targets", "mode"), _parse(key)), skipped="time budget")
+      row = dict(skipped="time budget")
     elif inprocess:
       row = measure(*_parse(key), cfg, peak_tflops)
     else:
@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)],
           common.worker_timeout(args, time.perf_counter() - t_start),
       )
+    kind, targets, mode = _parse(key)  # a skipped variant, or a worker that died, wrote none of these
+    row.setdefault("impl", f"peft_{kind}" if kind in ("lora", "dora") else "torch_full")
+    row.setdefault("targets", targets)
+    row.setdefault("mode", mode)
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
     row["run_id"] = env.get("run_id")

@@ -134,14 +134,25 @@ def _same_run(a: dict | None, b: dict | None) -> str:
   return "yes" if a.get("run_utc") and a.get("run_utc") == b.get("run_utc") else "NO (different runs)"
 
 
+def _with_key_fields(r: dict[str, Any], last: str) -> dict[str, Any]:
+  """``r`` with impl / targets / tune (or mode) read off its variant key where it lacks them
+  (rows of workers that died, skipped rows of older runs)."""
+  if r.get("impl") and r.get("targets") and r.get(last) or "@" not in str(r.get("variant", "")):
+    return r
+  rest, setting = r["variant"].split("@", 1)
+  impl, _, targets = rest.partition("/")
+  if last == "mode":
+    impl = f"peft_{impl}" if impl in ("lora", "dora") else "torch_full"
+  return {"impl": impl, "targets": targets, last: setting, **{k: v for k, v in r.items() if v is not None}}
+
+
 def dora_section(train: dict | None, peft: dict | None, source: str) -> list[str]:
   """The "DoRA vs LoRA" table: for each tune / mode where a DoRA row was measured, its step
   time and peak memory over the LoRA row's of the same tune / mode (lora_jax and PEFT), and
   whether the goals are met (lora_jax DoRA <= 1.10x LoRA's step and memory)."""
-  trows = _ok((train or {}).get("rows"))
-  prows = _ok((peft or {}).get("rows"))
-  all_t = (train or {}).get("rows", [])
-  all_p = (peft or {}).get("rows", [])
+  all_t = [_with_key_fields(r, "tune") for r in (train or {}).get("rows", [])]
+  all_p = [_with_key_fields(r, "mode") for r in (peft or {}).get("rows", [])]
+  trows, prows = _ok(all_t), _ok(all_p)
   tunes = [r["tune"] for r in all_t if r.get("impl") == "lora_jax_dora" and r.get("targets") == "all"]
   modes = [r["mode"] for r in all_p if r.get("impl") == "peft_dora" and r.get("targets") == "all"]
   if not tunes and not modes:

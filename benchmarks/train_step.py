@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
               "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
       row = common.run_worker(argv, common.worker_timeout(args, time.perf_counter() - t_start))
+    for k, v in (("impl", impl), ("targets", targets), ("tune", tune)):  # a worker that died wrote none
+      row.setdefault(k, v)
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
     row["run_id"] = env.get("run_id")

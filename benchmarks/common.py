@@ -83,11 +83,28 @@ def add_runner_args(p: Any, timeout_s: float) -> None:
   p.add_argument("--inprocess", action="store_true", help="run variants in this process (default on CPU configs)")
   p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
   p.add_argument("--timeout-s", type=float, default=timeout_s, help="per-variant subprocess limit")
+  p.add_argument("--end-s", type=float, default=None,
+                 help="end the run this many seconds after it started: each subprocess's limit is cut to "
+                      "what is left (one cut short records a timeout error), and no variant starts with less "
+                      "than --min-start-s left")
+  p.add_argument("--min-start-s", type=float, default=30.0, help="with --end-s: skip variants with less time left")
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--iters", type=int, default=None)
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
   p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+
+
+def over_budget(args: Any, elapsed: float) -> bool:
+  """Whether a variant may no longer start: past ``--budget-s``, or too close to ``--end-s``."""
+  if elapsed > args.budget_s:
+    return True
+  return args.end_s is not None and args.end_s - elapsed < args.min_start_s
+
+
+def worker_timeout(args: Any, elapsed: float) -> float:
+  """``--timeout-s``, cut to the time left before ``--end-s``."""
+  return args.timeout_s if args.end_s is None else max(1.0, min(args.timeout_s, args.end_s - elapsed))
 
 
 def runner_config(args: Any) -> BenchConfig:
@@ -194,6 +211,8 @@ def env_info(framework: str = "jax") -> dict[str, Any]:
       "host": platform.node(),
       "lora_jax_commit": git_commit(),
       "lora_jax_source_sha256": source_hash(),
+      # run_gpu.sh sets it once per invocation: rows of several scripts from one run share it.
+      "run_id": os.environ.get("LORA_BENCH_RUN_ID"),
       "versions": {
           n: _version(n)
           for n in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "qwix", "jax-lorax")
@@ -344,13 +363,32 @@ def llama_param_counts(cfg: BenchConfig) -> dict[str, int]:
           "matmul": layers + head, "total": layers + head + embed + norms}
 
 
-def lora_param_count(cfg: BenchConfig, rank: int, targets: str) -> int:
+def _kernel_shapes(cfg: BenchConfig, targets: str) -> list[tuple[int, int]]:
+  """(fan_in, fan_out) of each adapted kernel of one layer."""
   d, f, hd = cfg.hidden, cfg.mlp, cfg.head_dim
   q, kv = cfg.heads * hd, cfg.kv_heads * hd
   shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
   names = shapes if targets == "all" else ["q_proj", "v_proj"]
-  return cfg.layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
+  return [shapes[n] for n in names]
+
+
+def lora_param_count(cfg: BenchConfig, rank: int, targets: str) -> int:
+  """The ``a``, ``b`` factors' parameter count (DoRA adds one magnitude per output feature)."""
+  return cfg.layers * sum(rank * (i + o) for i, o in _kernel_shapes(cfg, targets))
+
+
+def dora_magnitude_count(cfg: BenchConfig, targets: str) -> int:
+  return cfg.layers * sum(o for _, o in _kernel_shapes(cfg, targets))
+
+
+def dora_norm_flops(cfg: BenchConfig, rank: int, targets: str) -> float:
+  """FLOPs of DoRA's column norm ``||W + s*a@b||`` per step, computed from the factors (as
+  lora_jax does, once per step, forward only: the norm is detached): per kernel ``||W||^2``
+  (``2 N``), ``a^T W`` (``2 r N``), the Gram ``a^T a`` (``2 r^2 fan_in``) and ``b^T G b``
+  (``2 r^2 fan_out``). Per step, not per token: ~0.2% of a TinyLlama LoRA step."""
+  r = rank
+  return float(cfg.layers * sum(2 * i * o * (1 + r) + 2 * r * r * (i + o) for i, o in _kernel_shapes(cfg, targets)))
 
 
 def attention_flops_per_token(cfg: BenchConfig) -> float:
@@ -358,13 +396,17 @@ def attention_flops_per_token(cfg: BenchConfig) -> float:
   return 2.0 * cfg.seq * cfg.heads * cfg.head_dim * cfg.layers
 
 
-def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0) -> float:
+def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0, *, rank: int | None = None,
+                targets: str = "all") -> float:
   """Model FLOPs of one training step.
 
   Full fine-tuning: ``6 * N * tokens`` (forward 2N, input gradient 2N, weight gradient 2N).
   LoRA: ``(4 * N + 6 * N_adapter) * tokens``: the frozen weights need no weight gradient, the
   adapters need all three. ``N`` counts matmul weights (layers + lm_head, no embedding lookup).
-  Attention adds ``3 x`` its causal forward FLOPs in both cases.
+  Attention adds ``3 x`` its causal forward FLOPs in both cases. DoRA (``kind="dora"``, with
+  ``N_adapter`` the ``a``, ``b`` count): LoRA's count plus :func:`dora_norm_flops` once per
+  step; the output rescale by ``m / norm`` and ``m``'s gradient are elementwise (not counted,
+  like every elementwise op here).
   """
   n = llama_param_counts(cfg)["matmul"]
   attn = 3 * attention_flops_per_token(cfg)
@@ -372,7 +414,8 @@ def train_flops(cfg: BenchConfig, kind: str, n_adapter: int = 0) -> float:
     per_token = 6 * n + attn
   else:
     per_token = 4 * n + 6 * n_adapter + attn
-  return per_token * cfg.tokens
+  extra = dora_norm_flops(cfg, rank, targets) if kind == "dora" else 0.0
+  return per_token * cfg.tokens + extra
 
 
 def forward_flops(cfg: BenchConfig, n_adapter: int = 0) -> float:
@@ -384,7 +427,9 @@ FLOP_NOTE = (
     "MFU = model FLOPs / step time / measured bf16 matmul peak. Model FLOPs: full FT 6*N*tokens; "
     "LoRA (4*N + 6*N_adapter)*tokens (no weight gradient for frozen weights); N = matmul "
     "weights incl. lm_head, no embedding; + 3x causal attention forward (2*T*d*L per token). "
-    "Remat recomputation is not counted."
+    "Remat recomputation is not counted. DoRA: LoRA's count (a, b) + the column norm from the "
+    "factors once per step (2(r+1)N_adapted + 2r^2(fan_in+fan_out) per kernel), the same count "
+    "for lora_jax and PEFT; elementwise rescale not counted."
 )
 
 

@@ -6,6 +6,10 @@ v_proj), or trained in full; eager or ``torch.compile`` (the model; the optimize
 eager); ``torch.optim.AdamW`` (fused on CUDA) over the trainable parameters. Each variant runs
 in its own subprocess; peak memory is ``torch.cuda.max_memory_allocated()`` over the process.
 
+DoRA (key ``dora/...``): the same with ``LoraConfig(use_dora=True)`` (PEFT computes the column
+norm ``||W + s*B@A||`` densely at every forward; the magnitude vectors train). Its model FLOPs
+are counted as lora_jax's DoRA rows count them (``common.train_flops(kind="dora")``).
+
 PEFT's defaults are kept: adapter weights are float32 (``autocast_adapter_dtype=True``), no
 gradient checkpointing, the loss from the model's full logits (``labels=tokens``).
 
@@ -32,6 +36,7 @@ PLAN = (
     "lora/all@compile", "lora/qv@compile", "lora/all@eager", "lora/qv@eager",
     "full/all@eager", "full/all@compile", "lora/all@compile+ckpt",
 )
+KINDS = ("lora", "dora", "full")  # the key's first part
 
 
 def build(kind: str, targets: str, cfg: common.BenchConfig, device: str, grad_ckpt: bool):
@@ -57,10 +62,11 @@ def build(kind: str, targets: str, cfg: common.BenchConfig, device: str, grad_ck
   if grad_ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-  if kind == "lora":
+  if kind in ("lora", "dora"):
     import peft
 
-    lc = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS[targets], bias="none")
+    lc = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS[targets], bias="none",
+                         use_dora=kind == "dora")
     model = peft.get_peft_model(model, lc)
   model.train()
   return model
@@ -69,9 +75,12 @@ def build(kind: str, targets: str, cfg: common.BenchConfig, device: str, grad_ck
 def measure(kind: str, targets: str, mode: str, cfg: common.BenchConfig, peak_tflops: float | None) -> dict[str, Any]:
   import torch
 
-  row: dict[str, Any] = dict(impl=f"peft_{kind}" if kind == "lora" else "torch_full", targets=targets, mode=mode,
-                             rank=RANK if kind == "lora" else None)
+  adapted = kind in ("lora", "dora")
+  row: dict[str, Any] = dict(impl=f"peft_{kind}" if adapted else "torch_full", targets=targets, mode=mode,
+                             rank=RANK if adapted else None)
   try:
+    if kind not in KINDS:
+      raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -99,10 +108,11 @@ def measure(kind: str, targets: str, mode: str, cfg: common.BenchConfig, peak_tf
     sync()
     row["first_step_s"] = round(time.perf_counter() - t0, 2)  # includes torch.compile
     times = common.time_calls(one, lambda _: sync(), cfg.warmup, cfg.iters)
-    n_ad = n_trainable if kind == "lora" else 0
+    # DoRA: a, b only (the magnitudes are elementwise), plus the column norm (common.train_flops).
+    n_ad = n_trainable if kind == "lora" else common.lora_param_count(cfg, RANK, targets) if kind == "dora" else 0
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     row.update(common.step_record(
-        cfg, times, losses, flops=common.train_flops(cfg, "lora" if kind == "lora" else "full", n_ad),
+        cfg, times, losses, flops=common.train_flops(cfg, kind, n_ad, rank=RANK, targets=targets),
         peak_bytes=peak, peak_tflops=peak_tflops, trainable=n_trainable))
   except Exception as e:  # noqa: BLE001
     row.update(common.error_record(e))
@@ -147,18 +157,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   keys = args.variants.split(",") if args.variants else list(PLAN)
   for key in keys:
     key = key.strip()
-    if time.perf_counter() - t_start > args.budget_s:
-      row = dict(zip(("kind", "targets", "mode"), _parse(key)), skipped="time budget")
+    if common.over_budget(args, time.perf_counter() - t_start):
+      row = dict(skipped="time budget")
     elif inprocess:
       row = measure(*_parse(key), cfg, peak_tflops)
     else:
       row = common.run_worker(
           [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--peak-tflops", str(peak_tflops),
            "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)],
-          args.timeout_s,
+          common.worker_timeout(args, time.perf_counter() - t_start),
       )
+    kind, targets, mode = _parse(key)  # a skipped variant, or a worker that died, wrote none of these
+    row.setdefault("impl", f"peft_{kind}" if kind in ("lora", "dora") else "torch_full")
+    row.setdefault("targets", targets)
+    row.setdefault("mode", mode)
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
+    row["run_id"] = env.get("run_id")
     rows[:] = [r for r in rows if r.get("variant") != key] + [row]
     common.write_json(out, payload)
     status = row.get("error") or row.get("skipped") or f"{row['step_ms']:.1f} ms  {row['tokens_per_s']:,.0f} tok/s  peak {common.fmt(row.get('peak_gib'), '.2f')} GiB"

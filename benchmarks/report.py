@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 TARGETS = dict(vs_peft_all=1.5, vs_hand=1.15, mem_gib=4.0, vs_peft_qv=1.1, vs_qwix=1.0, mfu=0.45)
+# DoRA (run_gpu.sh stage `dora`): step time and peak memory of DoRA over LoRA's, same tune, same run.
+DORA_TARGETS = dict(step=1.10, mem=1.10, peft_step_issue=1.26)
 
 
 def _load(results: str, name: str, config: str) -> dict[str, Any] | None:
@@ -106,6 +108,110 @@ def targets_table(train: dict | None, peft: dict | None) -> tuple[str, list[dict
   text = md_table(out, [("config", "lora_jax tune", ""), ("what", "target", ""), ("measured", "measured", ".3f"),
                         ("target", "goal", ""), ("verdict", "verdict", "")])
   return text, out
+
+
+def _inv_ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+  """``a[key] / b[key]`` (step time or memory of a over b), None where either is missing."""
+  if not a or not b or not a.get(key) or not b.get(key):
+    return None
+  return a[key] / b[key]
+
+
+def _verdict(got: float | None, want: float | None, how: str) -> str:
+  if want is None:
+    return "no target" if got is not None else "not measured"
+  if got is None:
+    return "not measured"
+  ok = got <= want if how == "<=" else got >= want
+  return "meets" if ok else "MISSES"
+
+
+def _same_run(a: dict | None, b: dict | None) -> str:
+  if not a or not b:
+    return "-"
+  if a.get("run_id") or b.get("run_id"):  # one run_gpu.sh invocation (several scripts)
+    return "yes" if a.get("run_id") == b.get("run_id") else "NO (different runs)"
+  return "yes" if a.get("run_utc") and a.get("run_utc") == b.get("run_utc") else "NO (different runs)"
+
+
+def _with_key_fields(r: dict[str, Any], last: str) -> dict[str, Any]:
+  """``r`` with impl / targets / tune (or mode) read off its variant key where it lacks them
+  (rows of workers that died, skipped rows of older runs)."""
+  if r.get("impl") and r.get("targets") and r.get(last) or "@" not in str(r.get("variant", "")):
+    return r
+  rest, setting = r["variant"].split("@", 1)
+  impl, _, targets = rest.partition("/")
+  if last == "mode":
+    impl = f"peft_{impl}" if impl in ("lora", "dora") else "torch_full"
+  return {"impl": impl, "targets": targets, last: setting, **{k: v for k, v in r.items() if v is not None}}
+
+
+def dora_section(train: dict | None, peft: dict | None, source: str) -> list[str]:
+  """The "DoRA vs LoRA" table: for each tune / mode where a DoRA row was measured, its step
+  time and peak memory over the LoRA row's of the same tune / mode (lora_jax and PEFT), and
+  whether the goals are met (lora_jax DoRA <= 1.10x LoRA's step and memory)."""
+  all_t = [_with_key_fields(r, "tune") for r in (train or {}).get("rows", [])]
+  all_p = [_with_key_fields(r, "mode") for r in (peft or {}).get("rows", [])]
+  trows, prows = _ok(all_t), _ok(all_p)
+  tunes = [r["tune"] for r in all_t if r.get("impl") == "lora_jax_dora" and r.get("targets") == "all"]
+  modes = [r["mode"] for r in all_p if r.get("impl") == "peft_dora" and r.get("targets") == "all"]
+  if not tunes and not modes:
+    return []
+  checks: list[dict[str, Any]] = []
+
+  def add(what, got, want=None, how="<=", a=None, b=None, note=""):
+    goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
+    checks.append(dict(what=what, measured=got, target=goal, verdict=_verdict(got, want, how) + note,
+                       same_run=_same_run(a, b)))
+
+  for tune in dict.fromkeys(tunes):
+    lo = _find(trows, impl="lora_jax", targets="all", tune=tune)
+    do = _find(trows, impl="lora_jax_dora", targets="all", tune=tune)
+    dr = _find(trows, impl="lora_jax_dropout", targets="all", tune=tune)
+    add(f"lora_jax @{tune}: DoRA / LoRA step time", _inv_ratio(do, lo, "step_ms"), DORA_TARGETS["step"], a=do, b=lo)
+    add(f"lora_jax @{tune}: DoRA / LoRA peak memory", _inv_ratio(do, lo, "peak_gib"), DORA_TARGETS["mem"], a=do, b=lo)
+    add(f"(info) lora_jax @{tune}: DoRA / LoRA XLA memory plan", _inv_ratio(do, lo, "xla_mem_gib"), a=do, b=lo)
+    add(f"(info) lora_jax @{tune}: LoRA+dropout / LoRA step time", _inv_ratio(dr, lo, "step_ms"), a=dr, b=lo)
+    add(f"(info) lora_jax @{tune}: LoRA+dropout / LoRA peak memory", _inv_ratio(dr, lo, "peak_gib"), a=dr, b=lo)
+    for mode in dict.fromkeys(modes):
+      pd = _find(prows, impl="peft_dora", targets="all", mode=mode)
+      add(f"(info) lora_jax DoRA @{tune} tokens/s vs PEFT DoRA {mode}", _ratio(do, pd), how=">=", a=do, b=pd)
+  for mode in dict.fromkeys(modes):
+    lo = _find(prows, impl="peft_lora", targets="all", mode=mode)
+    do = _find(prows, impl="peft_dora", targets="all", mode=mode)
+    issue = f" (the issue: >= {DORA_TARGETS['peft_step_issue']})" if mode == "compile" else ""
+    add(f"(info) PEFT {mode}: DoRA / LoRA step time", _inv_ratio(do, lo, "step_ms"), a=do, b=lo, note=issue)
+    add(f"(info) PEFT {mode}: DoRA / LoRA peak memory", _inv_ratio(do, lo, "peak_gib"), a=do, b=lo)
+  rows = []
+  ref = {("lora_jax", r["tune"]): r for r in trows if r.get("impl") == "lora_jax" and r.get("targets") == "all"}
+  ref.update({("peft", r["mode"]): r for r in prows if r.get("impl") == "peft_lora" and r.get("targets") == "all"})
+  for r in all_t:
+    if r.get("targets") == "all" and r.get("impl") in ("lora_jax", "lora_jax_dora", "lora_jax_dropout") and r.get("tune") in tunes:
+      lo = ref.get(("lora_jax", r.get("tune")))
+      rows.append(dict(r, framework="JAX", setting=r.get("tune"), x_step=_inv_ratio(r, lo, "step_ms"),
+                       x_mem=_inv_ratio(r, lo, "peak_gib"), status=r.get("error") or r.get("skipped") or "ok"))
+  for r in all_p:
+    if r.get("targets") == "all" and r.get("impl") in ("peft_lora", "peft_dora"):
+      lo = ref.get(("peft", r.get("mode")))
+      rows.append(dict(r, framework="PyTorch", setting=r.get("mode"), x_step=_inv_ratio(r, lo, "step_ms"),
+                       x_mem=_inv_ratio(r, lo, "peak_gib"), status=r.get("error") or r.get("skipped") or "ok"))
+  return [
+      "## DoRA vs LoRA", "",
+      f"All-linear, r={RANK_NOTE}; DoRA and LoRA at the same tune (lora_jax) or mode (PEFT), from {source}. "
+      "Ratios are DoRA's step time (ms) and peak memory over LoRA's (lower is better); `LoRA+dropout` is "
+      "LoRA with dropout 0.05 and a fresh `lora_dropout_rng` every step (its thin `x @ a` matmuls are not "
+      "grouped). DoRA model FLOPs: LoRA's plus the column norm once per step (see the FLOP note).", "",
+      md_table(checks, [("what", "ratio", ""), ("measured", "measured", ".3f"), ("target", "goal", ""),
+                        ("verdict", "verdict", ""), ("same_run", "same run", "")]), "",
+      md_table(rows, [("framework", "framework", ""), ("impl", "implementation", ""), ("setting", "config", ""),
+                      ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
+                      ("peak_gib", "peak GiB", ".2f"), ("x_step", "step x LoRA", ".3f"), ("x_mem", "memory x LoRA", ".3f"),
+                      ("trainable_params", "trainable", ",d"), ("compile_s", "compile s", ".1f"),
+                      ("first_step_s", "1st step s", ".1f"), ("status", "status", "")]), "",
+  ]
+
+
+RANK_NOTE = "16, alpha 32"
 
 
 def _ds(r: dict[str, Any], payload: dict | None) -> float | None:
@@ -222,12 +328,17 @@ def main(argv: list[str] | None = None) -> str:
   inf = _load(res, "inference", args.config)
   scaling = _load(res, "scaling", args.config)
   over = _load(res, "overheads", args.config)
+  dora_train = _load(res, "dora_train_step", args.config)
+  dora_peft = _load(res, "dora_peft_reference", args.config)
   parts = [f"# Benchmark results ({args.config})", "",
            "Generated by `python benchmarks/report.py` from the JSON files beside this page; "
            "`benchmarks/README.md` says how to reproduce them.", ""]
   parts += ["## Environment", ""]
   for name, payload in (("train_step", train), ("peft_reference", peft), ("inference", inf), ("scaling", scaling), ("overheads", over)):
     parts.append(f"- **{name}**: {_env_line(payload)}")
+  for name, payload in (("dora_train_step", dora_train), ("dora_peft_reference", dora_peft)):
+    if payload:
+      parts.append(f"- **{name}**: {_env_line(payload)}")
   parts.append("")
   if train:
     c = train["config"]
@@ -269,6 +380,16 @@ def main(argv: list[str] | None = None) -> str:
     for r in errors:
       parts.append(f"- `{r.get('variant')}`: {r['error']}")
     parts.append("")
+  if dora_train or dora_peft:  # run_gpu.sh stage `dora`: its own files, one run
+    dtext = dora_section(dora_train, dora_peft, f"`dora_train_step_{args.config}.json` and "
+                         f"`dora_peft_reference_{args.config}.json` (run_gpu.sh stage `dora`)")
+  else:  # DoRA rows added to the main files (train2 / peft2)
+    dtext = dora_section(train, peft, f"`train_step_{args.config}.json` and `peft_reference_{args.config}.json`")
+  if dtext:
+    parts += dtext
+    derr = [r for r in (dora_train or {}).get("rows", []) + (dora_peft or {}).get("rows", []) if r.get("error")]
+    if derr:
+      parts += ["DoRA-run errors, as recorded:", ""] + [f"- `{r.get('variant')}`: {r['error']}" for r in derr] + [""]
   profile = _load(res, "profile", args.config)
   if profile:
     parts += profile_section(profile)

@@ -8,7 +8,12 @@
 # Usage: bash benchmarks/run_gpu.sh [stage ...]
 #   stages: train peft inference overheads scaling (default: all five, in that order), and
 #   profile (a jax.profiler trace of PROFILE_VARIANT, default lora_jax/all@unroll2, summarised);
-#   train2 / peft2 add the variants in TRAIN2_VARIANTS / PEFT2_VARIANTS to the same JSON
+#   train2 / peft2 add the variants in TRAIN2_VARIANTS / PEFT2_VARIANTS to the same JSON;
+#   dora: DoRA vs LoRA, one run (~8 min with BUDGET_S=480): lora_jax LoRA, DoRA and LoRA+dropout
+#     all-linear at one tune (DORA_TUNE, default unroll2+keep_xa), then PEFT LoRA / DoRA all-linear
+#     (compile, then eager), into $RES/dora_train_step_$CONFIG.json and dora_peft_reference_$CONFIG.json
+#     (DORA_TRAIN_VARIANTS / DORA_PEFT_VARIANTS override the lists; DORA_TRAIN_BUDGET=150 caps the
+#     JAX half, the PEFT half gets the rest; every subprocess's limit is cut to the time left)
 # Environment (all optional):
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
@@ -39,6 +44,7 @@ stage_budget() {  # min(requested, time left - 20)
 }
 
 export PYTHONUNBUFFERED=1
+export LORA_BENCH_RUN_ID="$(date -u +%FT%TZ)-$(hostname)-$$"  # recorded in every row of this run
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU in turn
 export TOKENIZERS_PARALLELISM=false
@@ -94,6 +100,22 @@ for stage in "${stages[@]}"; do
       b=$(stage_budget "${PEFT2_BUDGET:-170}")
       timeout $((b + 200)) $PY benchmarks/peft_reference.py --config "$CONFIG" --out "$RES/peft_reference_$CONFIG.json" \
         --budget-s "$b" --timeout-s 240 --append --variants "${PEFT2_VARIANTS:?set PEFT2_VARIANTS}" ;;
+    dora)  # DoRA vs LoRA, same run: its own JSON files (report.py: "DoRA vs LoRA")
+      tune=${DORA_TUNE:-unroll2+keep_xa}
+      end=$(stage_budget "${DORA_TRAIN_BUDGET:-150}")
+      timeout $((end + 30)) $PY benchmarks/train_step.py --config "$CONFIG" --out "$RES/dora_train_step_$CONFIG.json" \
+        --isolate --end-s "$end" --min-start-s 25 --timeout-s 150 $APPEND_FLAG \
+        --variants "${DORA_TRAIN_VARIANTS:-lora_jax/all@$tune,lora_jax_dora/all@$tune,lora_jax_dropout/all@$tune}"
+      echo "== dora: lora_jax half exited $? at +$((SECONDS - start))s, $(left)s left"
+      pack
+      end=$(( $(left) - 15 ))
+      if (( end > 40 )); then
+        timeout $((end + 10)) $PY benchmarks/peft_reference.py --config "$CONFIG" \
+          --out "$RES/dora_peft_reference_$CONFIG.json" --isolate --end-s "$end" --min-start-s 30 --timeout-s 300 \
+          $APPEND_FLAG --variants "${DORA_PEFT_VARIANTS:-lora/all@compile,dora/all@compile,dora/all@eager,lora/all@eager}"
+      else
+        echo "== dora: PEFT half skipped: time budget"
+      fi ;;
     inference)
       b=$(stage_budget "${INFER_BUDGET:-70}")
       timeout "$b" $PY benchmarks/inference.py --config "$CONFIG" --out "$RES/inference_$CONFIG.json" ;;

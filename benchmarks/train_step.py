@@ -12,6 +12,13 @@ Variants (``impl/targets@tune``):
   alpha=32, targets ``all`` (all-linear) or ``qv`` (q_proj, v_proj).
 * ``lora_jax_nogroup``: the same with ``wrap(..., group=False)`` (each adapter's ``x @ a`` alone).
 * ``lora_jax_merged``: ``wrap(..., mode="merged")``: forms ``W + s*a@b`` every step.
+* ``lora_jax_dora``: DoRA, ``LoraSpec(..., kind="dora")``, factored (the column norm from the
+  factors once per step, the output rescaled by ``m / ||W + s*a@b||``); ``a``, ``b`` and the
+  magnitude ``m`` train, the frozen ``base_norm`` leaf does not (``lora_jax.freeze_base`` over
+  the adapters tree: no update, no optimizer state, no weight decay).
+* ``lora_jax_dropout``: LoRA with ``LoraSpec(dropout=0.05)`` and ``lora_dropout_rng`` (a fresh
+  key every step, carried in the donated state): each adapter's ``x @ a`` then reads its own
+  dropped input, so the thin matmuls are not grouped.
 * ``handwritten``: :mod:`benchmarks.handwritten`, the factored form written by hand.
 * ``handwritten_grouped``: the same with ``h @ [a_q|a_k|a_v]`` and ``g @ [a_gate|a_up]`` as one
   thin GEMM each.
@@ -50,7 +57,10 @@ TARGETS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qv": ("q_proj", "v_proj"),
 }
-IMPLS = ("full", "lora_jax", "lora_jax_nogroup", "lora_jax_merged", "handwritten", "handwritten_grouped", "qwix", "lorax")
+DROPOUT = 0.05  # lora_jax_dropout
+IMPLS = ("full", "lora_jax", "lora_jax_nogroup", "lora_jax_merged", "lora_jax_dora", "lora_jax_dropout", "handwritten",
+         "handwritten_grouped", "qwix", "lorax")
+LORA_JAX_IMPLS = ("lora_jax", "lora_jax_merged", "lora_jax_nogroup", "lora_jax_dora", "lora_jax_dropout")
 
 
 def tunes(cfg: common.BenchConfig) -> dict[str, dict[str, Any]]:
@@ -76,12 +86,12 @@ SWEEP = ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2
 # ----------------------------------------------------------------------------------------------
 
 
-def _lora_spec(targets: str, config, rank: int):
+def _lora_spec(targets: str, config, rank: int, **kw):
   import lora_jax
   from lora_jax.models import llama
 
   t = "all-linear" if targets == "all" else list(TARGETS[targets])
-  return lora_jax.LoraSpec(t, rank=rank, alpha=ALPHA, layout=llama.lora_layout(config))
+  return lora_jax.LoraSpec(t, rank=rank, alpha=ALPHA, layout=llama.lora_layout(config), **kw)
 
 
 def _tokens(cfg: common.BenchConfig):
@@ -92,7 +102,8 @@ def _tokens(cfg: common.BenchConfig):
 
 def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig, rank: int = RANK):
   """Returns ``(step, frozen, state, n_trainable, kind, tokens)``:
-  ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated."""
+  ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated. ``kind`` is
+  ``"full"``, ``"lora"`` or ``"dora"`` (which FLOP count applies)."""
   import jax
   import optax
 
@@ -158,13 +169,33 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
     adapters = handwritten.init_adapters(jax.random.key(2), params, TARGETS[targets], rank)
     loss_fn = functools.partial(handwritten.loss, config=config, scale=ALPHA / rank, chunk_size=chunk,
                                 group=impl == "handwritten_grouped")
-  elif impl in ("lora_jax", "lora_jax_merged", "lora_jax_nogroup"):
+    n_train, kind = n_params(adapters), "lora"
+  elif impl in LORA_JAX_IMPLS:
     import lora_jax
 
-    adapters = lora_jax.init(jax.random.key(2), params, _lora_spec(targets, config, rank))
+    kw = dict(kind="dora") if impl == "lora_jax_dora" else dict(dropout=DROPOUT) if impl == "lora_jax_dropout" else {}
+    adapters = lora_jax.init(jax.random.key(2), params, _lora_spec(targets, config, rank, **kw))
     mode = "merged" if impl == "lora_jax_merged" else "factored"
     loss_fn = lora_jax.wrap(functools.partial(model.apply, **loss_kw), mode=mode, fallback="error",
                             group=impl != "lora_jax_nogroup")
+    if impl == "lora_jax_dora":
+      # DoRA's base_norm leaf is frozen: freeze_base gives it no update and no AdamW state
+      # (plain tx over the adapters tree would weight-decay it); a, b and m train.
+      tx = lora_jax.freeze_base(tx)
+      n_train = n_params(jax.tree.map(lambda x, t: x if t else None, adapters, lora_jax.trainable_mask(adapters)))
+      kind = "dora"
+    else:
+      n_train, kind = n_params(adapters), "lora"
+    if impl == "lora_jax_dropout":
+
+      @functools.partial(jax.jit, donate_argnums=(1, 2, 3))
+      def step(params, adapters, opt_state, rng, tokens):
+        rng, sub = jax.random.split(rng)
+        loss, g = jax.value_and_grad(lambda ad: loss_fn(params, ad, tokens, lora_dropout_rng=sub))(adapters)
+        updates, opt_state = tx.update(g, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, rng, loss
+
+      return step, [params], [adapters, tx.init(adapters), jax.random.key(3)], n_train, kind, tokens
   elif impl == "lorax":
     common.extra_site()
     import lorax
@@ -196,7 +227,7 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
     updates, opt_state = tx.update(g, opt_state, adapters)
     return optax.apply_updates(adapters, updates), opt_state, loss
 
-  return step, [params], [adapters, tx.init(adapters)], n_params(adapters), "lora", tokens
+  return step, [params], [adapters, tx.init(adapters)], n_train, kind, tokens
 
 
 def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, peak_tflops: float | None,
@@ -230,8 +261,10 @@ def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, pe
 
     times = common.time_calls(one, lambda x: x.block_until_ready(), cfg.warmup, cfg.iters)
     n_ad = n_trainable if kind == "lora" and n_trainable is not None else 0
+    if kind == "dora":  # a, b (m is elementwise): see common.train_flops
+      n_ad = common.lora_param_count(cfg, rank, targets)
     row.update(common.step_record(
-        cfg, times, losses, flops=common.train_flops(cfg, kind, n_ad),
+        cfg, times, losses, flops=common.train_flops(cfg, kind, n_ad, rank=rank, targets=targets),
         peak_bytes=common.jax_peak_bytes(), peak_tflops=peak_tflops, trainable=n_trainable))
   except Exception as e:  # noqa: BLE001 - a failed variant is a result too
     row.update(common.error_record(e))
@@ -338,16 +371,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if done:  # already measured (e.g. '@best' resolved to a tune that ran before)
       print(f"  {key:36s} kept from {done[0].get('run_utc')}", flush=True)
       return done[0]
-    if time.perf_counter() - t_start > args.budget_s:
+    if common.over_budget(args, time.perf_counter() - t_start):
       row = dict(impl=impl, targets=targets, tune=tune, skipped="time budget")
     elif inprocess:
       row = measure(impl, targets, tune, cfg, peak_tflops, args.rank)
     else:
       argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
               "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
-      row = common.run_worker(argv, args.timeout_s)
+      row = common.run_worker(argv, common.worker_timeout(args, time.perf_counter() - t_start))
+    for k, v in (("impl", impl), ("targets", targets), ("tune", tune)):  # a worker that died wrote none
+      row.setdefault(k, v)
     row["variant"] = key
     row["run_utc"] = env["date_utc"]
+    row["run_id"] = env.get("run_id")
     rows[:] = [r for r in rows if r.get("variant") != key] + [row]
     payload["best_tune"] = best()
     common.write_json(out, payload)

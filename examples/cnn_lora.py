@@ -5,7 +5,8 @@
    scikit-image and scikit-learn (a cat, an espresso, a rocket, ...).
 2. The same photos turned into pencil sketches by a filter, each labelled with the class the
    model gives its photo, as random crops, flips and rotations: different ones for training
-   and for the held-out set. The frozen model gets most sketches wrong.
+   and for the held-out set, whose crops go closer and whose strokes are finer. The frozen
+   model gets most sketches wrong.
 3. Three ways to teach it, side by side: LoRA on the convolutions (pointwise 1x1 and depthwise
    kxk, ``feature_group_count`` = channels), the classifier head alone, and full fine-tuning.
    Batch norm stays frozen in inference mode (running statistics) for all three.
@@ -92,12 +93,13 @@ def pencil_sketch(img: np.ndarray, sigma: float = 4.0) -> np.ndarray:
   return np.repeat(sketch[..., None], 3, -1).astype(np.float32)
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-  """A random square crop (60-100% of the short side), flip and rotation (+-20 degrees), resized."""
+def augment(img: np.ndarray, rng: np.random.Generator, size: int, smallest: float) -> np.ndarray:
+  """A random square crop (``smallest``-100% of the short side), flip and rotation (+-20
+  degrees), resized."""
   from skimage.transform import resize, rotate
 
   h, w = img.shape[:2]
-  s = int(min(h, w) * rng.uniform(0.6, 1.0))
+  s = int(min(h, w) * rng.uniform(smallest, 1.0))
   y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
   crop = img[y : y + s, x : x + s]
   crop = rotate(crop, rng.uniform(-20, 20), mode="edge")
@@ -106,12 +108,13 @@ def augment(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
   return resize(crop, (size, size), anti_aliasing=True).astype(np.float32)
 
 
-def make_set(sketches: list[np.ndarray], labels: list[int], per_class: int, size: int, seed: int):
+def make_set(sketches: list[np.ndarray], labels: list[int], per_class: int, size: int, seed: int,
+             smallest: float):
   rng = np.random.default_rng(seed)
   xs, ys = [], []
   for img, y in zip(sketches, labels):
     for _ in range(per_class):
-      xs.append(augment(img, rng, size))
+      xs.append(augment(img, rng, size, smallest))
       ys.append(y)
   return np.stack(xs), np.array(ys, np.int32)
 
@@ -235,11 +238,15 @@ def main(
     say("(two photos share a top-1 class: they are one class below)")
 
   # 2. The task: pencil sketches of those photos, labelled with the photo's class.
-  sketches = [pencil_sketch(center_square(p, 2 * image_size)) for p in photos.values()]
-  x_train, y_train = make_set(sketches, photo_labels, per_class_train, image_size, seed)
-  x_test, y_test = make_set(sketches, photo_labels, per_class_test, image_size, seed + 1)
+  # Held out: other crops, closer ones (down to 40% of the side, training: 60%), and sketches
+  # drawn with finer strokes (blur sigma 2 instead of 4) than any training image.
+  squares = [center_square(p, 2 * image_size) for p in photos.values()]
+  x_train, y_train = make_set([pencil_sketch(p, 4.0) for p in squares], photo_labels, per_class_train,
+                              image_size, seed, smallest=0.6)
+  x_test, y_test = make_set([pencil_sketch(p, 2.0) for p in squares], photo_labels, per_class_test,
+                            image_size, seed + 1, smallest=0.4)
   say(f"\ntask: pencil sketches of the {len(photos)} photos at {image_size} px, random crops/flips/"
-      f"rotations: {len(y_train)} train, {len(y_test)} held out (other crops)")
+      f"rotations: {len(y_train)} train, {len(y_test)} held out (other, closer crops; finer strokes)")
 
   # The frozen stem and blocks < start_block run once per image; every method trains the rest.
   data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}

@@ -36,14 +36,14 @@ Apache-2.0 conversion of the official TensorFlow checkpoint); :func:`load_pretra
 its ``.pth`` with ``torch.load(..., weights_only=True)`` (never unrestricted unpickling), so
 it needs torch: ``pip install 'lora_jax[vision]'``. This module imports torch only there.
 
->>> model = EfficientNetLite0(num_classes=10)
->>> x = jnp.zeros((1, 64, 64, 3))
->>> variables = jax.jit(model.init)(jax.random.key(0), x)
+>>> model = EfficientNetLite0(num_classes=10, blocks=LITE0_BLOCKS[:2])  # the first 3 blocks
+>>> x = jnp.zeros((1, 32, 32, 3))
+>>> variables = model.init(jax.random.key(0), x)
 >>> sorted(variables)
 ['batch_stats', 'params']
 >>> variables["params"]["blocks_1"]["depthwise_conv"]["kernel"].shape
 (3, 3, 1, 96)
->>> jax.jit(model.apply)(variables, x).shape
+>>> model.apply(variables, x).shape
 (1, 10)
 >>> torch_name("params/blocks_1/depthwise_conv/kernel"), torch_name("batch_stats/bn0/var")
 ('_blocks.1._depthwise_conv.weight', '_bn0.running_var')
@@ -276,8 +276,8 @@ def from_torch_state_dict(state: Mapping[str, Any], *, num_classes: int = 1000, 
     ValueError: missing keys, unexpected keys or shape mismatches (each listed by key).
     TypeError: a value that is not a tensor or array.
 
-  >>> model = EfficientNetLite0(num_classes=10)
-  >>> v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> shapes = jax.eval_shape(EfficientNetLite0(num_classes=10).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> v = jax.tree.map(lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(np.float32), shapes)
   >>> state = to_torch_state_dict(v)
   >>> state["_blocks.3._depthwise_conv.weight"].shape
   (144, 1, 5, 5)

@@ -36,7 +36,10 @@ def _mask(path, shape, use=0, layers=()):
   key = jax.random.fold_in(key, use)
   for i in layers:
     key = jax.random.fold_in(key, i)
-  return jax.random.bernoulli(key, 1.0 - RATE, shape) / (1.0 - RATE)
+  # Then 16-bit RngBitGenerator draws seeded from that key; the rate in 1/65536 steps.
+  seed = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  drop = round(RATE * 65536)
+  return (jax.random.bits(seed, shape, jnp.uint16) >= drop) * (65536.0 / (65536 - drop))
 
 
 class Two(nn.Module):
@@ -82,6 +85,11 @@ def test_the_expected_value_is_the_no_dropout_output():
   want = fn(lora_jax.merge(v, ad), X)
   mean, sem = jnp.mean(ys, 0), jnp.std(ys, 0) / np.sqrt(len(keys))
   assert float(jnp.max(sem)) > 0  # the masks do vary
+  from lora_jax.interpret.sites import dropout
+
+  kept = dropout(jax.random.key(0), jnp.ones(200_000), RATE)
+  assert abs(float(jnp.mean(kept == 0)) - RATE) < 0.005  # the rate drawn is the rate asked
+  assert abs(float(jnp.mean(kept)) - 1.0) < 0.01
   assert float(jnp.max(jnp.abs(mean - want) / (sem + 1e-12))) < 5.0  # within 5 standard errors
 
 

@@ -21,6 +21,7 @@ With ``lora_dropout_rng`` and ``dropout > 0`` it follows PEFT's DoRA forward exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -99,6 +100,12 @@ def along_kernel(v: Array, layout: str) -> Array:
   v = jnp.transpose(v, [lo.index(lab) for lab in present])
   shape = [v.shape[present.index(lab)] if lab in lo else 1 for lab in kl]
   return jnp.reshape(v, shape)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _init_norms(w: Array, a: Array, b: Array, scale: float, layout: str) -> tuple[Array, Array]:
+  """``(||W + s*a@b||, ||W||)`` per output feature, factored."""
+  return column_norm(w, a, b, scale, layout), column_norm(w, a, jnp.zeros_like(b), scale, layout)
 
 
 @register_kind
@@ -232,9 +239,9 @@ class DoraFactors(Adapter):
       )
     a, b, new_w = initial_factors(key, target, dtype, w)
     base = w if new_w is None else new_w
-    d = kernel_delta(a, b, target.scale, target.layout)
-    m = dense_column_norm(jnp.asarray(base).astype(d.dtype) + d, target.layout)
-    base_norm = dense_column_norm(jnp.asarray(base).astype(_acc(jnp.asarray(base))), target.layout)
+    # Factored and jitted: no float32 copy of the kernel nor a kernel-sized update is formed
+    # (a stacked 1B-model kernel is a gigabyte in float32).
+    m, base_norm = _init_norms(base, a, b, float(target.scale), target.layout)
     f = cls(
         a=a, b=b, m=m.astype(dtype), base_norm=base_norm.astype(dtype), scale=target.scale,
         layout=target.layout, rslora=getattr(target, "rslora", False),

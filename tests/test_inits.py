@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 import lora_jax
 from _util import assert_close, assert_far
 from lora_jax.kinds.inits import DIGEST_PENDING, svd_lowrank
+from _hf import tiny_hf_llama
 
 RTOL = 1e-5  # float32 results against float64 references, relative to their largest value
 INITS = ("pissa", "pissa_niter_4", "olora")
@@ -426,19 +427,9 @@ def hf_llama():
   pytest.importorskip("peft")
   from test_interop import MODULES, TOKENS
 
-  import torch
-  import transformers
-
   from lora_jax.models import llama
 
-  torch.manual_seed(0)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False,
-  )
-  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
-  sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  hf_config, torch_model, sd = tiny_hf_llama()
   config = llama.llama_config_from_hf(hf_config, remat=False, scan_layers=True)
   params = llama.load_hf_llama(sd, config)
   apply = jax.jit(lora_jax.wrap(llama.LlamaForCausalLM(config).apply))

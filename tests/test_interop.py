@@ -15,6 +15,7 @@ from _util import assert_close, assert_far, random_adapters
 from lora_jax.kinds import LoraFactors
 from lora_jax.interop import BERT, LLAMA, NameMap, export_peft, import_peft, read_peft
 from lora_jax.models import bert, llama
+from _hf import tiny_hf_llama
 
 try:
   import peft
@@ -47,14 +48,7 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-  torch.manual_seed(0)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False,
-  )
-  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
-  sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  hf_config, torch_model, sd = tiny_hf_llama()
   models = {}
   for scan in (True, False):
     config = llama.llama_config_from_hf(hf_config, remat=False, scan_layers=scan)

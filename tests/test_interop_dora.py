@@ -18,6 +18,7 @@ from lora_jax.interop import export_peft, import_peft, read_peft
 from lora_jax.kinds import DoraFactors, LoraFactors, factor_shapes
 from lora_jax.kinds.dora import dense_column_norm
 from lora_jax.models import llama
+from _hf import tiny_hf_llama
 
 try:
   import peft
@@ -37,16 +38,10 @@ DORA_PREFIX = "base_model.model.model.layers.0.self_attn.q_proj."
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-  torch.manual_seed(0)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False,
-  )
-  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
+  hf_config, torch_model, sd = tiny_hf_llama()
   config = llama.llama_config_from_hf(hf_config, remat=False, scan_layers=True)
   model = llama.LlamaForCausalLM(config)
-  params = llama.load_hf_llama({k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, config)
+  params = llama.load_hf_llama(sd, config)
   return torch_model, config, model, params
 
 

@@ -133,7 +133,8 @@ def test_config_contents(tmp_path):
   assert cfg["spec"]["kind"] == "lora"
   e = cfg["adapters"]
   out = e["out/kernel"]
-  assert out["kind"] == "lora" and out["static"] == {"scale": 4 / 3, "layout": "io", "rslora": False}
+  assert out["kind"] == "lora"
+  assert out["static"] == {"scale": 4 / 3, "layout": "io", "rslora": False, "dropout": 0.0, "base_digest": None}
   assert (out["rank"], out["alpha"]) == (3, 4.0)
   assert out["tensors"] == {"a": {"dtype": "float32", "shape": [6, 3]}, "b": {"dtype": "float32", "shape": [3, 5]}}
   assert (e["embed/embedding"]["alpha"], e["embed/embedding"]["static"]["scale"]) == (5.0, 2.5)
@@ -689,11 +690,11 @@ def _set(*keys, value):
      r"\['layout'\] 'lo' must be letters from 'l', 'i', 'o' with at least one 'i' and one 'o'"),
     (_set("adapters", "sq/kernel", "static", "layout", value="iio"),
      r"adapters\['sq/kernel'\]\['kernel'\] must give the kernel's shape \(3 sizes, one per layout letter\)"),
-    (_set("adapters", "sq/kernel", "kind", value="dora"),
-     r"adapters\['sq/kernel'\]: adapter kind 'dora' is not registered in this lora_jax \(known: \[.*'lora'.*\]\).* upgrade lora_jax, or import the module that registers it"),
+    (_set("adapters", "sq/kernel", "kind", value="loha"),
+     r"adapters\['sq/kernel'\]: adapter kind 'loha' is not registered in this lora_jax \(known: \[.*'lora'.*\]\).* upgrade lora_jax, or import the module that registers it"),
     (_set("adapters", "sq/kernel", "kind", value="k" * 10**5), r"adapters\['sq/kernel'\]\['kind'\] must be a kind name, found 'kkkk"),
     (_set("adapters", "sq/kernel", "static", value={"layout": "io"}),
-     r"adapters\['sq/kernel'\]\['static'\] must give \['layout', 'rslora', 'scale'\] for kind 'lora'"),
+     r"adapters\['sq/kernel'\]\['static'\] must give \['base_digest', 'dropout', 'layout', 'rslora', 'scale'\] for kind 'lora'"),
     (_set("adapters", "sq/kernel", "static", "scale", value="2"),
      r"adapters\['sq/kernel'\]\['alpha'\] .*|scale must be a number, found '2'"),
     (_set("adapters", "sq/kernel", "tensors", value={"a": {"dtype": "float32", "shape": [4, 2]}}),

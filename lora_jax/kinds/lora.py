@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax.numpy as jnp  # noqa: F401 - used by the doctests
 
 from lora_jax.kinds.base import Adapter, einsum_delta, kernel_labels, layout_counts, leaf_labels, register_kind
 from lora_jax.kinds.inits import base_digest, initial_factors

@@ -109,7 +109,7 @@ def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) 
   """``(base, adapters)``: the base is ``params`` with the kernels a base-changing init replaced."""
   targets = {t.path: t for t in spec.resolve(params, trace)}
   keys = iter(jax.random.split(rng, max(len(targets), 1)))
-  entries, base, new_kernels = [], [], []
+  entries, base, changed = [], [], False
   for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params, is_leaf=is_base_leaf)):
     t = targets.get(path)
     if t is None:
@@ -121,13 +121,13 @@ def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) 
           f"{path!r}: init={t.init!r} replaces the base kernel, which here is a "
           f"{type(leaf).__name__}; start from a dense kernel (quantize after split)."
       )
-    w = dense(leaf) if _has_values(leaf) else None
+    # The leaf as it is (a base leaf is dequantized only by a kind that needs its values).
+    w = leaf if _has_values(leaf) else None
     made = _kind_init(spec.kind, next(keys), t, spec.dtype or leaf.dtype, w)
     f, new_w = made if isinstance(made, tuple) else (made, None)
     entries.append(f)
-    new_kernels.append(new_w)
+    changed |= new_w is not None
     base.append(leaf if new_w is None else _like(new_w, leaf))
-  changed = any(n is not None for n in new_kernels)
   return (tree_from_entries(params, base) if changed else params), tree_from_entries(params, entries)
 
 

@@ -139,11 +139,12 @@ def wrap(
 
   def run(static, params, adapters, dyn, rng=None):
     if mode == "merged":
-      if rng is not None and _dropout_paths(adapters):
+      dropping = _dropout_paths(adapters) if rng is not None else []
+      if dropping:
         raise ValueError(
             f"wrap(mode='merged') got lora_dropout_rng, but dropout acts on the adapter path's "
             f"input, which a merged kernel no longer has (adapters with dropout: "
-            f"{_dropout_paths(adapters)[:3]}). Use mode='factored' to train with dropout."
+            f"{dropping[:3]}). Use mode='factored' to train with dropout."
         )
       args, kwargs = join_static(static, dyn)
       return apply_fn(merge(params, adapters), *args, **kwargs)

@@ -176,9 +176,10 @@ class Adapter:
 
   @classmethod
   def init(cls, key: Array, target: Any, dtype: Any, w: Array | None = None) -> "Adapter | tuple[Adapter, Array]":
-    """A fresh adapter for ``target`` (a :class:`lora_jax.Target`), whose kernel is ``w`` (a
-    dense array in the kernel's layout; None when only its shape is known). An init that
-    changes the base (PiSSA) returns ``(adapter, new_kernel)``."""
+    """A fresh adapter for ``target`` (a :class:`lora_jax.Target`), whose kernel is ``w``: an
+    array or a :class:`lora_jax.bases.BaseLeaf` (``lora_jax.bases.dense(w)`` gives its
+    values), in the kernel's layout; None when only its shape is known. An init that changes
+    the base (PiSSA) returns ``(adapter, new_kernel)``."""
     raise NotImplementedError(f"{cls.__name__}.init")
 
 

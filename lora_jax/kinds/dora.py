@@ -30,25 +30,11 @@ import numpy as np
 
 from lora_jax.bases import dense
 from lora_jax.kinds.base import Adapter, kernel_labels, leaf_labels, register_kind
-from lora_jax.kinds.inits import base_digest, initial_factors
-from lora_jax.kinds.lora import kernel_delta
+from lora_jax.kinds.inits import initial_factors
+from lora_jax.kinds.lora import kernel_delta, target_static
 
 Array = Any
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _letters(*label_lists):
-  names: dict[Any, str] = {}
-  pool = iter("abcdefghjkmnpqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-  return ["".join(names.setdefault(lab, next(pool)) for lab in labels) for labels in label_lists]
-
-
-def _einsum(out_labels, *operands):
-  """``einsum`` over labelled operands ``(array, labels)``, float32 or wider, highest precision."""
-  subs = _letters(*[labels for _, labels in operands], out_labels)
-  expr = ",".join(subs[:-1]) + "->" + subs[-1]
-  return jnp.einsum(expr, *[x for x, _ in operands], precision=_HI, preferred_element_type=jnp.float32
-                    if all(x.dtype != jnp.float64 for x, _ in operands) else jnp.float64)
 
 
 def _acc(*xs) -> Any:
@@ -86,11 +72,18 @@ def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Arra
   return jnp.sqrt(jnp.maximum(sq, 0)).reshape(L + O)
 
 
+def _column_dot(x: Array, y: Array, layout: str) -> Array:
+  """``sum over fan-in of x * y`` per output feature (roles ``'lo'``) of two kernel-shaped
+  arrays, float32 or wider."""
+  acc = _acc(x, y)
+  x3, L, O = _as_matrices(x.astype(acc), layout)
+  y3, _, _ = _as_matrices(y.astype(acc), layout)
+  return jnp.sum(x3 * y3, axis=1).reshape(L + O)
+
+
 def dense_column_norm(v: Array, layout: str) -> Array:
   """``||v||`` per output feature (roles ``'lo'``) of a kernel-shaped ``v``, float32 or wider."""
-  kl = kernel_labels(layout)
-  v = v.astype(_acc(v))
-  return jnp.sqrt(_einsum(leaf_labels("lo", layout), (v, kl), (v, kl)))
+  return jnp.sqrt(_column_dot(v, v, layout))
 
 
 def along_kernel(v: Array, layout: str) -> Array:
@@ -105,7 +98,7 @@ def along_kernel(v: Array, layout: str) -> Array:
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _init_norms(w: Array, a: Array, b: Array, scale: float, layout: str) -> tuple[Array, Array]:
   """``(||W + s*a@b||, ||W||)`` per output feature, factored."""
-  return column_norm(w, a, b, scale, layout), column_norm(w, a, jnp.zeros_like(b), scale, layout)
+  return column_norm(w, a, b, scale, layout), dense_column_norm(w, layout)
 
 
 @register_kind
@@ -175,10 +168,7 @@ class DoraFactors(Adapter):
     under a trace)."""
     d = self.delta()
     v = w.astype(d.dtype)
-    kl, lo = kernel_labels(self.layout), leaf_labels("lo", self.layout)
-    vv = _einsum(lo, (v, kl), (v, kl))
-    p = _einsum(lo, (v, kl), (d, kl))
-    q = _einsum(lo, (d, kl), (d, kl))
+    vv, p, q = (_column_dot(x, y, self.layout) for x, y in ((v, v), (v, d), (d, d)))
     bn2 = jnp.square(self.base_norm.astype(d.dtype))
     disc = p * p - vv * (q - bn2)
     unique = q < bn2
@@ -238,16 +228,11 @@ class DoraFactors(Adapter):
           "needs the kernel's values (got only its shape)."
       )
     a, b, new_w = initial_factors(key, target, dtype, w)
-    base = w if new_w is None else new_w
+    base = dense(w) if new_w is None else new_w
     # Factored and jitted: no float32 copy of the kernel nor a kernel-sized update is formed
     # (a stacked 1B-model kernel is a gigabyte in float32).
     m, base_norm = _init_norms(base, a, b, float(target.scale), target.layout)
-    f = cls(
-        a=a, b=b, m=m.astype(dtype), base_norm=base_norm.astype(dtype), scale=target.scale,
-        layout=target.layout, rslora=getattr(target, "rslora", False),
-        dropout=float(getattr(target, "dropout", 0.0)),
-        base_digest=None if new_w is None else base_digest(new_w),
-    )
+    f = cls(a=a, b=b, m=m.astype(dtype), base_norm=base_norm.astype(dtype), **target_static(target, new_w))
     return f if new_w is None else (f, new_w)
 
 

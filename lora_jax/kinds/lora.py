@@ -64,12 +64,18 @@ class LoraFactors(Adapter):
   @classmethod
   def init(cls, key: Array, target: Any, dtype: Any, w: Array | None = None):
     a, b, new_w = initial_factors(key, target, dtype, w)
-    f = cls(
-        a=a, b=b, scale=target.scale, layout=target.layout, rslora=getattr(target, "rslora", False),
-        dropout=float(getattr(target, "dropout", 0.0)),
-        base_digest=None if new_w is None else base_digest(new_w),
-    )
+    f = cls(a=a, b=b, **target_static(target, new_w))
     return f if new_w is None else (f, new_w)
+
+
+def target_static(target: Any, new_kernel: Array | None = None) -> dict[str, Any]:
+  """The static fields a LoRA-factored kind takes from its :class:`lora_jax.Target` (and, for
+  an init that replaced the kernel, the new kernel's digest)."""
+  return dict(
+      scale=target.scale, layout=target.layout, rslora=getattr(target, "rslora", False),
+      dropout=float(getattr(target, "dropout", 0.0)),
+      base_digest=None if new_kernel is None else base_digest(new_kernel),
+  )
 
 
 def kernel_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """lora_jax: functional LoRA for JAX and Flax."""
 
+from lora_jax.bases.quantized import QuantizedKernel, dequantize, quantize
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
 from lora_jax.kinds import DoraFactors, LoraFactors
 from lora_jax.kinds.convert import to_original_base
@@ -28,6 +29,7 @@ __all__ = [
     "AdapterFileError",
     "check_adapters",
     "count",
+    "dequantize",
     "DoraFactors",
     "explain",
     "export_peft",
@@ -48,6 +50,8 @@ __all__ = [
     "LoraSpec",
     "merge",
     "NameMap",
+    "quantize",
+    "QuantizedKernel",
     "remat_policy",
     "Report",
     "save",

@@ -240,25 +240,31 @@ def check_adapters(params: PyTree, adapters: PyTree) -> list[tuple[str, Any, Ada
   return rows
 
 
-def _apply(params: PyTree, adapters: PyTree, how: str) -> PyTree:
+def _apply(params: PyTree, adapters: PyTree, how: str, dtype: Any = None) -> PyTree:
   rows = check_adapters(params, adapters)
-  # A base leaf (e.g. a quantized kernel) merges into a dense kernel of its dtype.
   out = []
   for path, leaf, f in rows:
+    if f is None and not is_base_leaf(leaf):
+      out.append(leaf)
+      continue
     try:
-      out.append(leaf if f is None else getattr(f, how)(dense(leaf)))
+      w = dense(leaf)  # a base leaf (a quantized kernel) becomes a dense kernel of its dtype
+      w = w if f is None else getattr(f, how)(w)
     except ValueError as e:
       raise ValueError(f"{path!r}: {e}") from None
+    out.append(w if dtype is None or not is_base_leaf(leaf) else w.astype(dtype))
   return tree_from_entries(params, out)
 
 
-def merge(params: PyTree, adapters: PyTree) -> PyTree:
+def merge(params: PyTree, adapters: PyTree, dtype: Any = None) -> PyTree:
   """Folds adapters into the kernels: ``W + scale * a @ b`` at every adapted leaf (each
   adapter kind's own :meth:`~lora_jax.kinds.Adapter.merge`).
 
   The sum is formed in float32 (or wider) and cast back, so the result has exactly the
   structure, shapes and dtypes of ``params``: ready to save or to serve with the unchanged
-  model code.
+  model code. A base leaf (a :class:`lora_jax.QuantizedKernel`), adapted or not, becomes a
+  dense kernel: dequantized (plus the update), in the dtype it was quantized from or in
+  ``dtype``.
 
   >>> params = {"w": {"kernel": jnp.zeros((2, 2))}}
   >>> f = LoraFactors(a=jnp.ones((2, 1)), b=jnp.ones((1, 2)), scale=0.5, layout="io")
@@ -266,7 +272,7 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
   Array([[0.5, 0.5],
          [0.5, 0.5]], dtype=float32)
   """
-  return _apply(params, adapters, "merge")
+  return _apply(params, adapters, "merge", dtype)
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:

@@ -35,6 +35,7 @@ from jax import tree_util as jtu
 from jax.extend import core as jex
 
 from lora_jax._jaxpr import join_static, open_jaxpr, scan_counts, split_static
+from lora_jax.bases import is_base_leaf
 from lora_jax._paths import leaves_with_paths
 from lora_jax.interpret.core import CALL_PRIMITIVES as _WRAP_CALLS
 from lora_jax.interpret.core import REMAT_PRIMITIVES as _WRAP_REMATS
@@ -147,13 +148,14 @@ def trace_uses(apply_fn: Callable[..., Any], params: PyTree, *args: Any, **kwarg
   """
   named = leaves_with_paths(params)
   static, dyn = split_static((args, kwargs))
-  ptree = jtu.tree_structure(params)
+  ptree = jtu.tree_structure(params, is_leaf=is_base_leaf)
 
   def flat_fn(leaves, dyn):
     a, kw = join_static(static, dyn)
     return apply_fn(jtu.tree_unflatten(ptree, leaves), *a, **kw)
 
-  leaves = [leaf for _, leaf in named]
+  # A base leaf (a quantized kernel) is traced as the dense kernel it stands for.
+  leaves = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_base_leaf(leaf) else leaf for _, leaf in named]
   closed = jax.make_jaxpr(flat_fn)(leaves, dyn)
   walker = _Walker([getattr(leaf, "ndim", 0) for leaf in leaves])
   views, doms = {}, {}

@@ -23,7 +23,7 @@ from jax import tree_util as jtu
 
 from lora_jax._jaxpr import is_dynamic, join_static, split_static
 from lora_jax.adapters import check_adapters, merge
-from lora_jax.bases import BaseLeaf, dense
+from lora_jax.bases import BaseLeaf
 from lora_jax.interpret.core import evaluate, finalize
 from lora_jax.interpret.report import (
     FALLBACK_MODES,
@@ -37,7 +37,7 @@ from lora_jax.interpret.report import (
     warn,
 )
 from lora_jax.interpret.sites import THIN_PRODUCT_NAME
-from lora_jax.interpret.views import View
+from lora_jax.interpret.views import Frozen, View, frozen_layout
 
 PyTree = Any
 
@@ -68,7 +68,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   ctx = Ctx(fallback, group, rng)
-  inputs = [View.of(leaf, f.prepare(leaf), path) if f is not None else dense(leaf) for path, leaf, f in rows]
+  inputs = [_input(path, leaf, f) for path, leaf, f in rows]
   inputs += list(jax.tree.leaves(dyn))
   outs = finalize(ctx, evaluate(ctx, closed.jaxpr, closed.consts, inputs))
   ctx.transposed_notes()
@@ -77,6 +77,16 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
       {p: f.layout for p, _, f in rows if f is not None},
   )
   return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs), report
+
+
+def _input(path: str, leaf: Any, f: Any) -> Any:
+  """How a params leaf enters the interpreter: a view when it has an adapter or is a base
+  leaf (so it is dequantized where it is used), else the array itself."""
+  if f is not None:
+    return View.of(leaf, f.prepare(leaf), path)
+  if isinstance(leaf, BaseLeaf):
+    return View.of(leaf, Frozen(frozen_layout(leaf)), path)
+  return leaf
 
 
 def _is_nnx_module(fn: Any) -> bool:

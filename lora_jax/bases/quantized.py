@@ -330,3 +330,91 @@ def check_options(format: Any, block_size: Any, double_quant: Any) -> tuple[str,
 
 def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedKernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trees
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize(
+    params: PyTree,
+    targets: Any = "all-linear",
+    apply_fn: Callable[..., Any] | None = None,
+    *example_args: Any,
+    format: str = "nf4",
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    layout: Any = None,
+    **example_kwargs: Any,
+) -> PyTree:
+  """``params`` with the targeted kernels stored quantized (:class:`QuantizedKernel` leaves).
+
+  Train on the result exactly as on dense params: ``lora_jax.init``/``split`` adapters for
+  it, ``lora_jax.wrap(apply_fn)(qparams, adapters, ...)`` dequantizes each kernel where the
+  function uses it (never the whole model up front), ``merge`` gives dense kernels.
+
+  Args:
+    params: the params tree (dense floating-point kernels).
+    targets: which kernels, as :class:`lora_jax.LoraSpec` targets (``"all-linear"``: matmul
+      weights, not embeddings nor the output layer, as bitsandbytes' ``load_in_4bit`` keeps
+      ``lm_head``); or a ``LoraSpec`` (its targets and layouts).
+    apply_fn, *example_args, **example_kwargs: the function and an example input, as for
+      :func:`lora_jax.init`: layouts (which axis is fan-in, which are layers) are read off
+      the trace. Without it a 2-D kernel is ``(in, out)`` and a larger one needs ``layout``.
+    format: ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"int8"`` (absmax int8).
+    block_size: entries per scale along the fan-in axis; must divide it (NF4: even).
+      Default 64 for NF4 (QLoRA's), the whole axis (one scale per output channel) for int8.
+    double_quant: quantize NF4's scales too (QLoRA's double quantization; default True).
+    layout: as ``LoraSpec(layout=...)``.
+
+  Raises:
+    ValueError: an unknown format, a block size that does not divide a kernel's fan-in axis
+      (naming the path and shape), an embedding among the targets, a kernel already
+      quantized; see also :meth:`lora_jax.LoraSpec.resolve`.
+
+  >>> params = {"dense": {"kernel": jnp.ones((128, 8)), "bias": jnp.zeros(8)}}
+  >>> q = quantize(params, ["dense"])
+  >>> q["dense"]["kernel"]
+  QuantizedKernel(nf4, shape=(128, 8), dtype=float32, axis=0, block_size=64, double_quant, 536 bytes)
+  >>> bool((dequantize(q)["dense"]["kernel"] == 1).all())
+  True
+  """
+  from lora_jax.adapters import _trace
+  from lora_jax.spec import LoraSpec
+  from lora_jax._paths import align, tree_from_entries
+
+  check_options(format, block_size, double_quant)
+  if isinstance(targets, LoraSpec):
+    spec = LoraSpec(targets.targets, rank=1, layout=targets.layout if layout is None else layout)
+  else:
+    spec = LoraSpec(targets, rank=1, layout=layout)
+  trace = _trace(apply_fn, params, example_args, example_kwargs)
+  found = {t.path: t for t in spec.resolve(params, trace)}
+  out = []
+  for path, leaf, _ in align(params, jax.tree.map(lambda _: None, params, is_leaf=lambda x: isinstance(x, BaseLeaf))):
+    t = found.get(path)
+    if t is None:
+      out.append(leaf)
+      continue
+    if isinstance(leaf, BaseLeaf):
+      raise ValueError(f"{path!r} is already a {type(leaf).__name__}; dequantize it first to quantize it again.")
+    if t.is_embedding:
+      raise ValueError(
+          f"{path!r}: quantizing an embedding is not supported (a row lookup would dequantize the "
+          "whole table at each call; bitsandbytes keeps embeddings dense too). Leave it out of the targets."
+      )
+    out.append(quantize_kernel(leaf, format=format, block_size=block_size, double_quant=double_quant, layout=t.layout, path=path))
+  return tree_from_entries(params, out)
+
+
+def dequantize(params: PyTree, dtype: Any = None) -> PyTree:
+  """``params`` with every base leaf (e.g. a :class:`QuantizedKernel`) as its dense kernel, in
+  its own dtype or ``dtype``; other leaves unchanged."""
+  def one(x):
+    if not isinstance(x, BaseLeaf):
+      return x
+    w = x.materialize()
+    return w if dtype is None else w.astype(dtype)
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, BaseLeaf))

@@ -18,6 +18,7 @@ from jax import lax
 from jax.extend import core as jex
 
 from lora_jax._jaxpr import open_jaxpr, scan_counts
+from lora_jax.bases import BaseLeaf
 from lora_jax.interpret.report import Ctx
 from lora_jax.interpret.sites import CONSUMERS, DotSite, bind, grouped_first_products, rule_dot
 from lora_jax.interpret.views import STRUCTURAL, View, drop_label, relabel_after_drop, rule_dynamic_slice
@@ -138,9 +139,32 @@ def evaluate(ctx: Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[A
   return [read(v) for v in jaxpr.outvars]
 
 
+def _frozen_use(eqn, invals):
+  """A use of frozen base-leaf views (no adapter) by a non-structural op: a matmul or
+  convolution with one such operand computes through :meth:`View.with_base`; otherwise the
+  views become their (dequantized) values. Returns the op's result, or the new invals when
+  an adapted view remains for the usual rules."""
+  views = [x for x in invals if isinstance(x, View)]
+  name = eqn.primitive.name
+  if len(views) == 1 and name in ("dot_general", "conv_general_dilated"):
+    t = views[0]
+    pos = invals.index(t)
+    return t.with_base(lambda x, w: bind(eqn, [w, x] if pos == 0 else [x, w]), invals[1 - pos]), None
+  invals = [x.view_value() if isinstance(x, View) and x.frozen else x for x in invals]
+  if any(isinstance(x, View) for x in invals):
+    return None, invals
+  return bind(eqn, invals), None
+
+
 def apply_rule(ctx: Ctx, eqn, invals):
   name = eqn.primitive.name
   first = invals[0]
+  if name not in _HIGHER and any(isinstance(x, View) and x.frozen for x in invals):
+    if not (name in VIEW_PRIMITIVES and isinstance(first, View) and not any(isinstance(x, View) for x in invals[1:])):
+      out, invals = _frozen_use(eqn, invals)
+      if invals is None:
+        return out
+      first = invals[0]
   if name in STRUCTURAL and isinstance(first, View) and len(invals) == 1:
     out = STRUCTURAL[name](eqn, first)
     if out is not None:
@@ -194,7 +218,7 @@ def _scanned(ctx, v: View):
   leaves that carry axis 0's label are scanned (that axis moved first), the other leaves ride
   along as constants."""
   label = v.axes[0]
-  if label[0] != "l":
+  if label[0] != "l" and not v.frozen:
     ctx.layout_note(v, f"scan slices the kernel along an axis marked {label[0]!r}, not 'l' (a layer axis)")
   scanned, const = {}, {}
   for name, x in v.adapter.leaves().items():
@@ -203,12 +227,21 @@ def _scanned(ctx, v: View):
       const[name] = x
     else:
       scanned[name] = jnp.moveaxis(x, k, 0)
-  return (v.base_value(), scanned), (v, label, const)
+  # A base leaf (a quantized kernel) is scanned as its stored arrays, sliced per iteration,
+  # so each layer is dequantized where it is used; with view ops before the scan (rare) it
+  # is dequantized whole first.
+  split = v.base.scan_split(0) if isinstance(v.base, BaseLeaf) and not v.ops else None
+  if split is not None:
+    parts, rebuild = split
+    return (parts, scanned), (v, label, const, rebuild)
+  return (v.base_value(), scanned), (v, label, const, None)
 
 
 def _unscanned(meta, xs) -> View:
-  v, label, const = meta
+  v, label, const, rebuild = meta
   w, scanned = xs
+  if rebuild is not None:
+    w = rebuild(w)
   adapter = drop_label(v.adapter.replace(**scanned, **const), label, squeeze=False)
   return View(w, adapter, relabel_after_drop(v.axes, label), tuple(v.shape[1:]), v.dtype, v.path)
 

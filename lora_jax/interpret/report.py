@@ -159,6 +159,8 @@ class Ctx:
     return t.materialize()
 
   def materialize(self, t: Any, prim: str, reason: str) -> Array:
+    if t.frozen:  # a base leaf without adapter: its dense value, not a LoRA fallback
+      return t.view_value()
     self.uses.append(Use(t.path, prim, False, reason))
     if self.fallback == "error":
       raise LoraFallbackError(

@@ -205,7 +205,7 @@ class DotSite(Site):
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
   def base(self, x: Array | None = None) -> Array:
-    return self._bind_with(self.t.view_value(), x)
+    return self.t.with_base(lambda x, w: self._bind_with(w, x), self.x if x is None else x)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     x = self.x if x is None else x
@@ -321,7 +321,7 @@ class ConvSite(Site):
         )
 
   def base(self, x: Array | None = None) -> Array:
-    return self._bind_with(self.t.view_value(), x)
+    return self.t.with_base(lambda x, w: self._bind_with(w, x), self.x if x is None else x)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     return bind(self.eqn, [self.x if x is None else x, w])

@@ -13,16 +13,45 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax import tree_util as jtu
 
-from lora_jax.bases import dense
+from lora_jax.bases import BaseLeaf, dense
 from lora_jax.kinds import Adapter, kernel_labels, leaf_labels
 
 Array = Any
 Label = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen(Adapter):
+  """The adapter of a base leaf no adapter targets (e.g. a quantized kernel left frozen): no
+  leaves, no term. Its view still travels lazily, so the leaf is dequantized at each use."""
+
+  layout: str
+
+  def contribute(self, site: Any) -> Array:
+    return site.base()
+
+  def merge(self, w: Array) -> Array:
+    return w
+
+  unmerge = merge
+
+
+jtu.register_dataclass(Frozen, data_fields=[], meta_fields=["layout"])
+
+
+def frozen_layout(leaf: Any) -> str:
+  """A layout for a base leaf's view: its own (a quantized kernel records one), else the
+  default of a kernel of its rank."""
+  layout = getattr(leaf, "layout", None)
+  if isinstance(layout, str) and len(layout) == len(leaf.shape):
+    return layout
+  return "l" * max(len(leaf.shape) - 2, 0) + "io"[: len(leaf.shape)]
 
 
 @jtu.register_pytree_node_class
@@ -58,6 +87,11 @@ class View:
   def replace(self, **kw) -> "View":
     return dataclasses.replace(self, **kw)
 
+  @property
+  def frozen(self) -> bool:
+    """Whether this is a base leaf's view with no adapter (see :class:`Frozen`)."""
+    return isinstance(self.adapter, Frozen)
+
   def then(self, op: Callable[[Array], Array], shape: Sequence[int], **kw) -> "View":
     """This view with one more structural op on the base."""
     return self.replace(ops=self.ops + (op,), shape=tuple(shape), **kw)
@@ -72,6 +106,20 @@ class View:
   def view_value(self) -> Array:
     """``view(W)`` in the view's dtype (what the original op consumed)."""
     return self.base_value().astype(self.dtype)
+
+  def with_base(self, fn: Callable[[Array, Array], Array], x: Array) -> Array:
+    """``fn(x, view(W))`` for an ``fn`` linear in ``x`` (a matmul or a convolution with the
+    kernel). A base leaf (a quantized kernel) is dequantized here, inside the checkpointed
+    call, and again in the backward pass: the backward keeps the stored (packed) leaf, never
+    the dense kernel, between the two passes."""
+    if not isinstance(self.base, BaseLeaf):
+      return fn(x, self.view_value())
+    parts, tree = jtu.tree_flatten(self.base)
+
+    def run(x, parts):
+      return fn(x, self.replace(base=jtu.tree_unflatten(tree, parts)).view_value())
+
+    return jax.checkpoint(run)(x, parts)
 
   def leaf_axis(self, name: str, label: Label) -> int | None:
     labels = self.adapter.labels(name)

@@ -125,15 +125,18 @@ def _check_argument_roles(params: Any, adapters: Any) -> None:
 
 
 def align(params: Any, adapters: Any) -> list[tuple[str, Any, Adapter | None]]:
-  """Pairs each leaf of ``params`` with its entry in ``adapters`` (an adapter or None).
+  """Pairs each leaf of ``params`` with its entry in ``adapters`` (an adapter or None);
+  ``adapters=None`` means no adapters at all (e.g. serving a quantized base alone).
 
   Raises:
     ValueError: ``adapters`` does not mirror ``params``; the message names the first path
       at which they differ. Swapped or missing arguments (adapters in ``params``, an array
       or a params-like tree as ``adapters``) are named as such.
   """
-  _check_argument_roles(params, adapters)
   flat, treedef = jtu.tree_flatten_with_path(params, is_leaf=is_base_leaf)
+  if adapters is None:
+    return [(path_str(path), leaf, None) for path, leaf in flat]
+  _check_argument_roles(params, adapters)
   try:
     entries = treedef.flatten_up_to(adapters)
   except (ValueError, TypeError) as e:

@@ -345,7 +345,9 @@ def count(adapters: PyTree, params: PyTree | None = None) -> LoraCount:
   frozen = [x for _, f in found for n, x in f.leaves().items() if n not in f.TRAINABLE]
   base = base_bytes = None
   if params is not None:
-    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")] + frozen
+    # A base leaf (a quantized kernel) counts the parameters of the kernel it stands for and
+    # the bytes it stores (packed codes and scales).
+    leaves = [x for x in jax.tree.leaves(params, is_leaf=is_base_leaf) if hasattr(x, "shape")] + frozen
     base = sum(int(np.prod(x.shape)) for x in leaves)
-    base_bytes = sum(_nbytes(x) for x in leaves)
+    base_bytes = sum(x.nbytes if is_base_leaf(x) else _nbytes(x) for x in leaves)
   return LoraCount(rows, sum(r[3] for r in rows), trainable_bytes, base, base_bytes)

@@ -28,6 +28,20 @@ class BaseLeaf:
     """The dense kernel (e.g. dequantized), computed where it is called (inside a jit)."""
     raise NotImplementedError(f"{type(self).__name__}.materialize")
 
+  @property
+  def nbytes(self) -> int:
+    """Bytes the leaf stores (what :func:`lora_jax.count` reports as the base's)."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
+
+  def scan_split(self, axis: int) -> Any:
+    """For ``lax.scan`` over kernel axis ``axis``: ``(arrays with that axis first, rebuild)``
+    where ``rebuild`` makes the per-slice leaf from their slices, or None (the leaf is then
+    materialized whole before the scan)."""
+    return None
+
 
 def is_base_leaf(x: Any) -> bool:
   return isinstance(x, BaseLeaf)

@@ -122,11 +122,6 @@ class QuantizedKernel(BaseLeaf):
   def double_quant(self) -> bool:
     return self.absmax2 is not None
 
-  @property
-  def nbytes(self) -> int:
-    """Bytes stored (packed codes plus scales)."""
-    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
-
   def materialize(self) -> Array:
     """The dense kernel: code value times its block's scale, in float32, cast to ``dtype``."""
     return dequantize_values(self).astype(self.dtype)
@@ -146,6 +141,50 @@ class QuantizedKernel(BaseLeaf):
     flat = (flat.reshape(*lead_shape, g, DQ_BLOCK) * self.absmax2[..., None]).reshape(*lead_shape, g * DQ_BLOCK)
     flat = flat[..., :m] + self.offset[..., None]
     return jnp.transpose(flat.reshape(t.shape), np.argsort(perm))
+
+  @property
+  def sharding(self) -> Any:
+    """The sharding of the stored codes: the kernel's, as :func:`lora_jax.adapter_shardings`
+    reads it (codes keep every kernel axis)."""
+    return getattr(self.codes, "sharding", None)
+
+  def shardings(self, sharding: Any) -> "QuantizedKernel":
+    """This leaf's structure with a ``NamedSharding`` per stored array, for a kernel sharded
+    as ``sharding``: codes and block scales shard along the kernel's axes (an axis whose
+    stored length the mesh axes do not divide is replicated), the second-level scales along
+    the layer axes only. Use with ``jax.device_put`` or as a jit's ``in_shardings``.
+
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(jax.devices()[:1], ("tp",))
+    >>> q = quantize_kernel(jnp.ones((128, 8)))
+    >>> q.shardings(NamedSharding(mesh, P(None, "tp"))).codes.spec
+    PartitionSpec(None, 'tp')
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):
+      raise TypeError(f"QuantizedKernel.shardings({sharding!r}): expected a NamedSharding.")
+    spec = list(sharding.spec) + [None] * (len(self.shape) - len(sharding.spec))
+    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape))
+
+    def fits(entry: Any, n: int) -> Any:
+      names = entry if isinstance(entry, tuple) else (entry,)
+      k = int(np.prod([sizes[a] for a in names if a is not None]))
+      return entry if n % k == 0 else None
+
+    def along(x: Any, axes: Sequence[Any]) -> Any:
+      if x is None:
+        return None
+      return NamedSharding(sharding.mesh, PartitionSpec(*(fits(e, n) for e, n in zip(axes, np.shape(x)))))
+
+    lead = [spec[d] for d in self.lead]
+    return dataclasses.replace(
+        self,
+        codes=along(self.codes, spec),
+        absmax=along(self.absmax, spec),
+        absmax2=along(self.absmax2, lead + [None]),
+        offset=along(self.offset, lead),
+    )
 
   def scan_split(self, axis: int) -> tuple[tuple[Array, ...], Callable[[tuple[Array, ...]], "QuantizedKernel"]] | None:
     """For ``lax.scan`` over kernel axis ``axis``: the stored arrays with that axis first,
@@ -305,7 +344,11 @@ def quantize_kernel(
   codes, absmax, absmax2, offset = _quantize_array(
       jnp.asarray(w), fmt=fmt, axis=axis, block=block, double_quant=dq, lead=lead, layout=layout
   )
-  return QuantizedKernel(codes, absmax, absmax2, offset, fmt, shape, dtype, axis, block, lead, layout)
+  q = QuantizedKernel(codes, absmax, absmax2, offset, fmt, shape, dtype, axis, block, lead, layout)
+  sharding = getattr(w, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(w, jax.core.Tracer):
+    q = jax.device_put(q, q.shardings(sharding))  # stored like the kernel it replaces
+  return q
 
 
 def _divisor(n: int, near: int) -> int:

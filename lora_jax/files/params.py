@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.bases import dense, is_base_leaf
 from lora_jax._paths import leaves_with_paths, tree_from_entries
 from lora_jax.adapters import check_adapters, merge
 from lora_jax.files.adapters import _as_tree, _version
@@ -21,9 +22,15 @@ PARAMS_FORMAT = "lora_jax.params.v2"  # with a checksum of the tensors (DATA_DIG
 _UNCHECKED_FORMATS = ("lora_jax.params", "lora_jax.adapters")  # files of lora_jax 0.1, adapter files
 
 
-def _flat_params(params: PyTree) -> dict[str, Any]:
+def _flat_params(params: PyTree, base_leaves: bool = False) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for name, leaf in leaves_with_paths(params):
+    if is_base_leaf(leaf) and not base_leaves:
+      raise TypeError(
+          f"{name!r}: params leaf is a {type(leaf).__name__} (a quantized kernel); save_params "
+          "writes dense arrays. Save the dense params and quantize again after loading "
+          "(lora_jax.quantize is deterministic), or save lora_jax.dequantize(params)."
+      )
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       raise TypeError(f"{name!r}: params leaf is a {type(leaf).__name__}, not an array; only arrays can be saved.")
     if name in out:
@@ -112,14 +119,14 @@ def save_merged(
   adapters = _as_tree(adapters, params)
   adapted = {p for p, _, f in check_adapters(params, adapters) if f is not None}
   merged = _flat_params(merge(params, adapters))
-  base = _flat_params(params)
+  base = _flat_params(params, base_leaves=True)
   out = {}
   for name, leaf in merged.items():
     if dtype is not None and is_float_dtype(leaf.dtype):
       leaf = jnp.asarray(leaf).astype(dtype)
     if safe and is_float_dtype(leaf.dtype):
       finite = bool(jnp.isfinite(leaf).all())
-      if not finite and (name in adapted or bool(jnp.isfinite(base[name]).all())):
+      if not finite and (name in adapted or bool(jnp.isfinite(dense(base[name])).all())):
         why = "merging its adapter" if name in adapted else f"casting it to {np.dtype(dtype).name}"
         raise ValueError(
             f"{name!r}: holds NaN or Inf after {why}; refusing to save (safe=True). Check the "

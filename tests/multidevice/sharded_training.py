@@ -112,6 +112,24 @@ def main():
     for name in ("up", "down"):
       assert res["params"][name]["kernel"].sharding == sharded["params"][name]["kernel"].sharding, name
     assert_close(apply(res, ad, x), want, RTOL)
+  # QLoRA on the sharded kernels: the quantized leaves store their arrays sharded like the
+  # kernels they replace (block scales too where the mesh divides them), adapters derive
+  # their shardings from them, and the sharded step equals the one-device step.
+  for fmt in ("nf4", "int8"):
+    q = lora_jax.quantize(params, ["up", "down"], format=fmt, block_size=16)
+    q_sh = lora_jax.quantize(sharded, ["up", "down"], format=fmt, block_size=16)
+    up_q, down_q = q_sh["params"]["up"]["kernel"], q_sh["params"]["down"]["kernel"]
+    assert up_q.codes.sharding.spec == P(None, "model") and up_q.absmax.sharding.spec == P(None, "model"), up_q.codes.sharding
+    assert down_q.codes.sharding.spec == P("model", None), down_q.codes.sharding
+    assert down_q.absmax.sharding.spec == P(None, None)  # 2 blocks do not split 4 ways
+    ad_q = lora_jax.shard_like(adapters, q_sh)
+    assert ad_q["params"]["up"]["kernel"].b.sharding.spec == P(None, "model")
+    ref_q_ad, ref_q_loss = train(q, adapters, x, y)
+    sh_q_ad, sh_q_loss = train(q_sh, ad_q, xs, ys)
+    np.testing.assert_allclose(float(sh_q_loss), float(ref_q_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sh_q_ad), jax.tree.leaves(ref_q_ad)):
+      assert_close(a, b, RTOL)
+    assert sh_q_ad["params"]["up"]["kernel"].b.sharding.spec == P(None, "model")
   print("MULTIDEVICE OK", float(ref_loss))
 
 

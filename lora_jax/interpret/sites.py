@@ -77,6 +77,23 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
   return jnp.where(keep, x * jnp.asarray(65536.0 / (65536 - drop), x.dtype), jnp.zeros((), x.dtype))
 
 
+def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
+  """``x @ view(W)`` through the fused NF4 kernel (:mod:`lora_jax.bases.nf4_matmul`) where it
+  applies: a plain ``x @ W`` (x's last axis against the kernel's first, no batch axes, no
+  view ops) of a few rows on a GPU, 16-bit operands. None elsewhere (XLA's path)."""
+  from lora_jax.bases import nf4_matmul
+  from lora_jax.bases.quantized import QuantizedKernel
+
+  if t.ops or t_is_lhs or not isinstance(t.base, QuantizedKernel) or x.dtype != t.dtype:
+    return None
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if lb or rb or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or x.dtype not in (jnp.bfloat16, jnp.float16):
+    return None
+  if not nf4_matmul.use_fused(t.base, int(np.prod(x.shape[:-1]))):
+    return None
+  return nf4_matmul.nf4_dot(x, t.base, eqn.outvars[0].aval.dtype)
+
+
 class Site:
   """Common part of the consumer sites."""
 
@@ -205,7 +222,11 @@ class DotSite(Site):
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
   def base(self, x: Array | None = None) -> Array:
-    return self.t.with_base(lambda x, w: self._bind_with(w, x), self.x if x is None else x)
+    x = self.x if x is None else x
+    fused = fused_base_dot(self.t, self.eqn, x, self.t_is_lhs)
+    if fused is not None:
+      return fused
+    return self.t.with_base(lambda x, w: self._bind_with(w, x), x)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     x = self.x if x is None else x

@@ -127,3 +127,46 @@ def test_layouts_are_read_off_a_trace_of_quantized_params():
   assert f.layout == "lio" and f.a.shape == (3, 32, 2)
   report = lora_jax.explain(m.apply, q, ad, x)
   assert not report.fallbacks and all(u.factored for u in report.uses), str(report)
+
+
+def test_fused_nf4_matmul_equals_xla_path(monkeypatch):
+  """The fused kernel (Pallas, in its interpreter here) where wrap dispatches it on a GPU:
+  same values as XLA's dequantize-then-matmul, and gradients through it."""
+  from lora_jax.bases import nf4_matmul
+
+  w = (jax.random.normal(jax.random.key(0), (1024, 96)) * 0.05).astype(jnp.bfloat16)
+  q = lora_jax.quantize({"w": {"kernel": w}}, ["w"])["w"]["kernel"]
+  x = jax.random.normal(jax.random.key(1), (3, 1024), jnp.bfloat16)
+  want = jnp.dot(x, q.materialize(), preferred_element_type=jnp.float32)
+  for splits in (1, 4):
+    got = nf4_matmul._fused(x, q.codes, q.scales(), block=64, out_dtype=jnp.float32, interpret=True, splits=splits)
+    assert_close(got, want, 1e-5)
+  # Through wrap: force the dispatch (CPU) and run the kernel in the interpreter.
+  original, calls = nf4_matmul.nf4_dot, []
+
+  def interpreted(x, q, dtype):
+    calls.append(x.shape)
+    return original(x, q, dtype, interpret=True)
+
+  monkeypatch.setattr(nf4_matmul, "use_fused", lambda q, rows: rows <= nf4_matmul.MAX_ROWS)
+  monkeypatch.setattr(nf4_matmul, "nf4_dot", interpreted)
+
+  class D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(96, use_bias=False, dtype=jnp.bfloat16, name="d")(x)
+
+  m = D()
+  params = {"params": {"d": {"kernel": w}}}
+  qp = lora_jax.quantize(params, ["d"])
+  ad = random_adapters(qp, lora_jax.LoraSpec(["d"], rank=4), std=0.1, dtype=jnp.bfloat16)
+  ref = lambda ad, x: m.apply(lora_jax.merge(qp, ad), x)  # noqa: E731
+  apply = lora_jax.wrap(m.apply)
+  assert_close(apply(qp, ad, x).astype(jnp.float32), ref(ad, x).astype(jnp.float32), 1e-2)
+  assert_close(apply(qp, None, x).astype(jnp.float32), want, 1e-2)
+  loss = lambda f: lambda ad, x: jnp.sum(f(ad, x).astype(jnp.float32) ** 2)  # noqa: E731
+  g = jax.grad(loss(lambda ad, x: apply(qp, ad, x)), argnums=(0, 1))(ad, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(ad, x)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    assert_close(a.astype(jnp.float32), b.astype(jnp.float32), 2e-2)
+  assert calls and all(s == (3, 1024) for s in calls)  # the fused kernel ran, and only there

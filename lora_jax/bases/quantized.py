@@ -157,8 +157,8 @@ class QuantizedKernel(BaseLeaf):
     >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     >>> mesh = Mesh(jax.devices()[:1], ("tp",))
     >>> q = quantize_kernel(jnp.ones((128, 8)))
-    >>> q.shardings(NamedSharding(mesh, P(None, "tp"))).codes.spec
-    PartitionSpec(None, 'tp')
+    >>> q.shardings(NamedSharding(mesh, P(None, "tp"))).codes.spec == P(None, "tp")
+    True
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -321,7 +321,8 @@ def quantize_kernel(
   >>> q = quantize_kernel(jnp.linspace(-1, 1, 128).reshape(64, 2))
   >>> q.codes.shape, q.codes.dtype, q.absmax.shape
   ((32, 2), dtype('uint8'), (1, 2))
-  >>> float(jnp.abs(q.materialize() - jnp.linspace(-1, 1, 128).reshape(64, 2)).max()) < 0.1
+  >>> err = jnp.abs(q.materialize() - jnp.linspace(-1, 1, 128).reshape(64, 2)).max()
+  >>> bool(err <= np.diff(NF4_CODE).max() / 2)  # half the widest gap between codes
   True
   """
   fmt, block, dq = check_options(format, block_size, double_quant)

@@ -71,8 +71,8 @@ def init(
   _check_arguments("init", rng, params, spec, apply_fn)
   if changes_base(spec.init):
     raise ValueError(
-        f"lora_jax.init: LoraSpec(init={spec.init!r}) replaces each adapted kernel by its "
-        "residual W - scale * a @ b, so the adapters only fit the new base. Call "
+        f"lora_jax.init: LoraSpec(init={spec.init!r}) replaces each adapted kernel (by its "
+        "residual W - scale * a @ b, or LoftQ's quantized kernel), so the adapters only fit the new base. Call "
         "base, adapters = lora_jax.split(rng, params, spec, ...) and train on that base."
     )
   return _init(rng, params, spec, _trace(apply_fn, params, example_args, example_kwargs))[1]
@@ -116,6 +116,12 @@ def _init(rng: Array, params: PyTree, spec: LoraSpec, trace: KernelUses | None) 
       entries.append(None)
       base.append(leaf)
       continue
+    if is_base_leaf(leaf) and t.init.startswith("loftq"):
+      raise ValueError(
+          f"{path!r}: init={t.init!r} quantizes the full-precision kernel itself, but this one is "
+          f"already a {type(leaf).__name__}, whose quantization error LoftQ can no longer see; pass "
+          "the dense params (before lora_jax.quantize) to lora_jax.split."
+      )
     if changes_base(t.init) and is_base_leaf(leaf):  # before an SVD of the dequantized kernel
       raise ValueError(
           f"{path!r}: init={t.init!r} replaces the base kernel, which here is a "
@@ -150,7 +156,10 @@ def _has_values(leaf: Any) -> bool:
 
 
 def _like(new_w: Array, leaf: Any) -> Array:
-  """``new_w`` in ``leaf``'s dtype, on ``leaf``'s devices (sharding kept) when it has them."""
+  """``new_w`` in ``leaf``'s dtype, on ``leaf``'s devices (sharding kept) when it has them; a
+  base leaf (LoftQ's quantized kernel, which records the kernel's dtype) as it is."""
+  if is_base_leaf(new_w):
+    return new_w
   new_w = jnp.asarray(new_w, leaf.dtype)
   sharding = getattr(leaf, "sharding", None)
   if sharding is not None and not isinstance(new_w, jax.core.Tracer):

@@ -103,8 +103,12 @@ class LoraSpec:
       ``a``, zero ``b``; for embeddings zero ``a``, normal ``b``), ``"gaussian"`` (normal
       ``a`` with std ``1/r``, zero ``b``), ``"pissa"`` (the top-``r`` singular vectors of each
       kernel; the base becomes the residual), ``"pissa_niter_K"`` (the same from a randomized
-      SVD with ``K`` power iterations) or ``"olora"`` (QR-based; also changes the base). Inits
-      that change the base need :func:`lora_jax.split`, which returns the new base.
+      SVD with ``K`` power iterations), ``"olora"`` (QR-based; also changes the base) or LoftQ:
+      ``"loftq"`` / ``"loftq_iter_K"`` / ``"loftq_int8"`` / ``"loftq_int8_iter_K"`` (the base
+      becomes a :class:`lora_jax.QuantizedKernel`, NF4 or int8, and the factors start at the
+      top-``r`` part of its quantization error, alternating ``K`` times; see
+      :mod:`lora_jax.kinds.loftq`). Inits that change the base need :func:`lora_jax.split`,
+      which returns the new base.
     dropout: PEFT's ``lora_dropout``: the probability of zeroing an input element of the
       adapter path (``dropout(x) @ a @ b``; the base path is untouched) when the wrapped call
       is given ``lora_dropout_rng=key``; in ``[0, 1)``.

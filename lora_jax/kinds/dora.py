@@ -228,7 +228,7 @@ class DoraFactors(Adapter):
           "needs the kernel's values (got only its shape)."
       )
     a, b, new_w = initial_factors(key, target, dtype, w)
-    base = dense(w) if new_w is None else new_w
+    base = dense(w if new_w is None else new_w)  # LoftQ's new base is quantized
     # Factored and jitted: no float32 copy of the kernel nor a kernel-sized update is formed
     # (a stacked 1B-model kernel is a gigabyte in float32).
     m, base_norm = _init_norms(base, a, b, float(target.scale), target.layout)

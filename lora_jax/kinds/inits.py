@@ -3,7 +3,8 @@
 Each init gives ``(a, b, new_kernel)`` for one target: ``a`` with roles ``'lir'``, ``b`` with
 roles ``'lro'`` (see :mod:`lora_jax.kinds`), and ``new_kernel`` None unless the init changes
 the base (PiSSA, OLoRA: the base becomes the residual ``W - scale * a @ b``, so the adapted
-model's output is unchanged at step 0).
+model's output is unchanged at step 0; LoftQ: the base becomes a quantized kernel ``Q`` with
+``dequant(Q) + scale * a @ b`` close to ``W``, see :mod:`lora_jax.kinds.loftq`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.bases import dense
 from lora_jax.kinds.base import einsum_delta, kernel_labels, leaf_labels
 
 Array = Any
 
-INIT_NAMES = ("peft", "gaussian", "pissa", "pissa_niter_K", "olora")
+INIT_NAMES = ("peft", "gaussian", "pissa", "pissa_niter_K", "olora", "loftq", "loftq_iter_K", "loftq_int8", "loftq_int8_iter_K")
 _NITER = re.compile(r"pissa_niter_([0-9]{1,3})")
-BASE_CHANGING = ("pissa", "olora")
+BASE_CHANGING = ("pissa", "olora", "loftq")
 # The base_digest of adapters made under a trace (jax.jit(lora_jax.split)): the base was
 # replaced, but its values were not known; lora_jax.save(..., params=) fills in the digest.
 DIGEST_PENDING = "pending"
@@ -35,19 +37,31 @@ def check_init_name(shown: str, name: Any) -> None:
     raise TypeError(f"{shown}: init must be one of {list(INIT_NAMES)}, found a {type(name).__name__}.")
   if name in ("peft", "gaussian", "pissa", "olora") or _NITER.fullmatch(name):
     return
+  if name.startswith("loftq"):
+    from lora_jax.kinds import loftq
+
+    try:
+      loftq.parse(name)
+    except ValueError as e:
+      raise ValueError(f"{shown}: {e}") from None
+    return
   raise ValueError(
-      f"{shown}: no such init; expected one of {list(INIT_NAMES)} (K = power iterations of the "
-      "randomized SVD, e.g. 'pissa_niter_4')."
+      f"{shown}: no such init; expected one of {list(INIT_NAMES)} (K: power iterations of the "
+      "randomized SVD, e.g. 'pissa_niter_4'; LoftQ's alternating iterations, e.g. 'loftq_iter_5')."
   )
 
 
 def changes_base(name: str) -> bool:
-  """Whether the init ``name`` replaces the base kernel (PiSSA, OLoRA)."""
+  """Whether the init ``name`` replaces the base kernel (PiSSA, OLoRA, LoftQ)."""
   return name.startswith(BASE_CHANGING)
 
 
 def check_init_target(target: Any) -> None:
   """Raises naming the path when ``target``'s init cannot start its factors."""
+  if target.init.startswith("loftq"):
+    from lora_jax.kinds import loftq
+
+    return loftq.check_target(target)
   if changes_base(target.init) and target.is_embedding:
     raise ValueError(
         f"{target.path!r}: init={target.init!r} is for matmul and convolution kernels, not "
@@ -58,7 +72,8 @@ def check_init_target(target: Any) -> None:
 
 def base_digest(w: Array) -> str:
   """A short digest of a kernel's values: what adapters made by a base-changing init (PiSSA,
-  OLoRA) record of the base they belong to, and what :func:`lora_jax.load` checks.
+  OLoRA, LoftQ) record of the base they belong to, and what :func:`lora_jax.load` checks. A
+  base leaf (LoftQ's :class:`lora_jax.QuantizedKernel`) has the digest of its dense values.
 
   It covers the shape and up to 4096 evenly spaced entries rounded to bfloat16, so it tells
   the residual base from the original weights (they differ by the top-``r`` part) but not a
@@ -72,10 +87,15 @@ def base_digest(w: Array) -> str:
   True
   >>> base_digest(jnp.ones((2, 3))) == base_digest(jnp.zeros((2, 3)))
   False
+  >>> from lora_jax.bases.quantized import quantize_kernel
+  >>> q = quantize_kernel(jnp.linspace(-1, 1, 128).reshape(64, 2))
+  >>> base_digest(q) == base_digest(dense(q))
+  True
   """
   import hashlib
 
-  if isinstance(w, jax.core.Tracer):
+  # A quantized base (LoftQ) has the digest of the dense values it stands for.
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(w)):
     return DIGEST_PENDING
   n = int(np.prod(w.shape))
   idx = np.linspace(0, max(n - 1, 0), min(n, 4096)).astype(np.int64)
@@ -90,8 +110,8 @@ def base_digest(w: Array) -> str:
 
 
 @jax.jit
-def _sample(w: Array, idx: Array) -> Array:
-  return jnp.reshape(w, (-1,))[idx].astype(jnp.bfloat16)
+def _sample(w: Any, idx: Array) -> Array:
+  return jnp.reshape(dense(w), (-1,))[idx].astype(jnp.bfloat16)  # a base leaf: only the sample dequantized
 
 
 def factor_shapes(target: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -121,6 +141,10 @@ def initial_factors(key: Array, target: Any, dtype: Any, w: Array | None = None)
         f"{target.path!r}: init={name!r} starts the factors from the kernel's values, but only its "
         "shape is known here (a jax.ShapeDtypeStruct); pass the params themselves to lora_jax.split."
     )
+  if name.startswith("loftq"):
+    from lora_jax.kinds import loftq
+
+    return loftq.loftq_factors(target, w, dtype, a_shape, b_shape)
   if name.startswith("pissa") and not target.scale > 0:
     raise ValueError(
         f"{target.path!r}: init={name!r} divides the singular values by the scale alpha/r = "

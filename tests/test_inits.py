@@ -349,7 +349,7 @@ def test_save_load_round_trip_and_the_digest_refusal(tmp_path):
   np.testing.assert_array_equal(g.b, f.b)
   np.testing.assert_array_equal(wrapped(base_back, back, x), wrapped(base, ad, x))
   with pytest.raises(lora_jax.AdapterFileError, match=(
-      rf"adapters\['{path}'\] were made by a base-changing init \(PiSSA/OLoRA\) for a base kernel with digest "
+      rf"adapters\['{path}'\] were made by a base-changing init \(PiSSA/OLoRA/LoftQ\) for a base kernel with digest "
       rf"'{f.base_digest}'; these params hold one .* lora_jax.save_params.* lora_jax.to_original_base")):
     lora_jax.load(tmp_path / "ad", params)
   assert _leaf(lora_jax.load(tmp_path / "ad", params=jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)), path) is not None

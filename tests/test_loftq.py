@@ -210,6 +210,11 @@ def test_end_to_end_split_wrap_train_and_files(tmp_path):
   np.testing.assert_array_equal(back["params"]["up"]["kernel"].a, trained["params"]["up"]["kernel"].a)
   with pytest.raises(lora_jax.AdapterFileError, match=r"adapters\['params/(up|down)/kernel'\] were made by a base-changing init"):
     lora_jax.load(tmp_path / "ad", v)
+  # Made under jit: the pending digest is filled in from the quantized base at save time.
+  lora_jax.save(tmp_path / "jad", jad, spec, params=jbase)
+  assert lora_jax.load(tmp_path / "jad", jbase)["params"]["up"]["kernel"].base_digest == ad["params"]["up"]["kernel"].base_digest
+  with pytest.raises(lora_jax.AdapterFileError, match="base-changing init"):
+    lora_jax.load(tmp_path / "jad", v)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.bases import is_base_leaf
 from lora_jax._paths import leaves_with_paths, nearby, path_str, tree_from_entries
 from lora_jax.adapters import check_adapters
 from lora_jax.files.atomic import atomic_write, check_target
@@ -802,7 +803,12 @@ _FIX_BASE = (
 
 
 def _digest_of(leaf: Any) -> str | None:
-  """The kernel's base digest, or None where it cannot be told (no values, a quantized leaf)."""
+  """The kernel's base digest (of a quantized leaf: of its dense values), or None where it
+  cannot be told (no values)."""
+  if is_base_leaf(leaf):
+    if any(isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") for x in jax.tree.leaves(leaf)):
+      return None
+    return base_digest(leaf)
   if not isinstance(leaf, (jax.Array, np.ndarray)) or isinstance(leaf, jax.core.Tracer):
     return None
   return base_digest(leaf)
@@ -819,12 +825,12 @@ def _with_digest(name: str, f: Adapter, leaf: Any, have_params: bool) -> Adapter
       raise ValueError(
           f"{name!r}: these adapters were made under a trace (jax.jit(lora_jax.split)) by a "
           "base-changing init, so they do not yet record which base they belong to. Pass the "
-          "residual base that split returned (dense arrays): lora_jax.save(path, adapters, params=base)."
+          "base that split returned: lora_jax.save(path, adapters, params=base)."
       )
     return f.replace(base_digest=found)
   if found is not None and found != digest:
     raise ValueError(
-        f"{name!r}: these adapters were made by a base-changing init (PiSSA/OLoRA) for a base "
+        f"{name!r}: these adapters were made by a base-changing init (PiSSA/OLoRA/LoftQ) for a base "
         f"kernel with digest {digest!r}, but params hold one with digest {found!r} (the original "
         "weights rather than the residual?). Save them with params=the residual base that "
         "lora_jax.split returned with them, or convert them to plain LoRA on the original "
@@ -840,7 +846,7 @@ def _check_digests(tensor_path: str, flat: Mapping[str, Adapter], params: PyTree
     found = _digest_of(by_path[name]) if digest not in (None, DIGEST_PENDING) else None
     if found is not None and found != digest:
       raise fail(tensor_path, (
-          f"adapters[{short(name)}] were made by a base-changing init (PiSSA/OLoRA) for a base kernel "
+          f"adapters[{short(name)}] were made by a base-changing init (PiSSA/OLoRA/LoftQ) for a base kernel "
           f"with digest {digest!r}; these params hold one with digest {found!r} (the original weights "
           f"rather than the residual base?). {_FIX_BASE}"
       ))

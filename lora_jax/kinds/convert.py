@@ -40,6 +40,8 @@ def to_original_base(adapters: PyTree, initial_adapters: PyTree) -> PyTree:
   no ``base_digest``), so that ``merge(original_params, result) == merge(residual_base,
   adapters)``: export it with :func:`lora_jax.export_peft` and load it with PEFT onto the
   unmodified model, or save it with :func:`lora_jax.save` and load it onto the original params.
+  For LoftQ adapters the equality is only approximate: their base is the quantized kernel,
+  ``W ~ dequant(Q) + scale * a0 @ b0`` up to the quantization error that LoftQ minimises.
 
   Args:
     adapters: the trained adapters (a tree, or a flat ``{path: adapter}`` dict).

@@ -258,10 +258,11 @@ def _apply(params: PyTree, adapters: PyTree, how: str, dtype: Any = None) -> PyT
       continue
     try:
       w = dense(leaf)  # a base leaf (a quantized kernel) becomes a dense kernel of its dtype
-      w = w if f is None else getattr(f, how)(w)
+      if dtype is not None and is_base_leaf(leaf):
+        w = w.astype(dtype)  # before the update, which is then rounded to dtype only
+      out.append(w if f is None else getattr(f, how)(w))
     except ValueError as e:
       raise ValueError(f"{path!r}: {e}") from None
-    out.append(w if dtype is None or not is_base_leaf(leaf) else w.astype(dtype))
   return tree_from_entries(params, out)
 
 

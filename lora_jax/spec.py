@@ -480,8 +480,9 @@ def _check_adaptable(path: str, leaf: Any, weights: dict[str, list[str]] | None 
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f"{path!r}: targeted kernel has dtype {dtype}; LoRA needs a floating-point kernel "
-        "(quantised/integer kernels are not supported yet)."
+        f"{path!r}: targeted kernel has dtype {dtype}; LoRA needs a floating-point kernel (to "
+        "train on a quantized base, quantize the float kernel with lora_jax.quantize, which keeps "
+        "it one leaf of the kernel's shape and dtype)."
     )
   if _leaf_name(path) == "bias":
     raise ValueError(

@@ -5,10 +5,7 @@ nibble first, bitsandbytes' double quantization of the scales in float64) and ag
 bitsandbytes itself; the NF4 table against QLoRA's published one; per-block error bounds;
 ``wrap`` on quantized params == the dequantized-and-merged reference (outputs and gradients)
 on Dense, DenseGeneral, an nn.scan'd stack, Conv and NNX; the backward keeps packed codes,
-not dense kernels; jit without retracing; errors that name the path or option.
-
-Tests marked ``xfail(strict=True)`` with a reason starting "LIBRARY BUG" pin library bugs found
-here (the expected behaviour is what they assert); remove the marker with the fix."""
+not dense kernels; jit without retracing; errors that name the path or option."""
 
 from __future__ import annotations
 
@@ -337,15 +334,6 @@ def test_constant_kernels_are_exact(fmt, dq, dtype):
       np.testing.assert_allclose(got, np.float32(c), rtol=2**-22 if dtype == jnp.float32 else 0)
 
 
-_ZERO_BLOCK_BUG = (
-    "LIBRARY BUG (lora_jax/bases/quantized.py:228 and :259): 1 / max(absmax, 1e-38) -- 1e-38 is a "
-    "float32 subnormal that XLA flushes to zero, so an all-zero block gives 0 * inf = NaN, which "
-    "takes NF4 code 0 (-1.0), not code 7 (0.0) as bitsandbytes does; with double_quant the block's "
-    "scale is not exactly 0, so the block dequantizes to -scale instead of 0."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_ZERO_BLOCK_BUG)
 @pytest.mark.parametrize("dq", [True, False])
 def test_zero_kernel_gets_the_zero_code(dq):
   z = quantize_kernel(jnp.asarray(np.zeros((128, 3), np.float32)), double_quant=dq)
@@ -353,7 +341,6 @@ def test_zero_kernel_gets_the_zero_code(dq):
   assert np.all(np.asarray(z.codes) == 0x77)  # code 7 is NF4's exact zero
 
 
-@pytest.mark.xfail(strict=True, reason=_ZERO_BLOCK_BUG)
 @pytest.mark.parametrize("dq", [True, False])
 def test_a_zero_block_among_others_dequantizes_to_zero(dq):
   w = np.array(_w((128, 3), seed=3))
@@ -665,12 +652,6 @@ def test_merge_dequantizes_to_dense_in_the_requested_dtype():
   assert_close(merged["params"]["up"]["kernel"], want, 2**-8)  # rounded to bfloat16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LIBRARY BUG? (lora_jax/adapters.py:251-255, _apply): merge(qparams, adapters, dtype=float32) on a "
-    "bfloat16 base rounds W + s*a@b to bfloat16 (the kind's merge casts back to the leaf's dtype) and only "
-    "then casts to float32, so asking for float32 loses the update's precision.",
-)
 def test_merge_into_float32_keeps_float32_precision():
   w = _w((48, 48), seed=11, dtype=jnp.bfloat16)
   q = {"d": {"kernel": quantize_kernel(w, block_size=16, double_quant=False)}}

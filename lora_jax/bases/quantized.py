@@ -259,6 +259,12 @@ def dequantize_values(q: QuantizedKernel) -> Array:
   return out.reshape(q.shape)
 
 
+# The smallest normal float32: a floor for a block's absmax (an all-zero block scales by its
+# inverse to zeros, as bitsandbytes' 1e-38 does; 1e-38 itself is subnormal, which XLA on CPU
+# flushes to zero, and 0 * inf made such blocks NaN).
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
 def _absmax(w32: Array, axis: int, block: int) -> Array:
   return jnp.max(jnp.abs(_blocked(w32, axis, block)), axis=axis + 1)
 
@@ -267,7 +273,7 @@ def _absmax(w32: Array, axis: int, block: int) -> Array:
 def _quantize_array(w: Array, *, fmt: str, axis: int, block: int, double_quant: bool, lead: tuple[int, ...], layout: str):
   w32 = w.astype(jnp.float32)
   absmax = _absmax(w32, axis, block)
-  inv = 1.0 / jnp.maximum(absmax, np.float32(1e-38))
+  inv = 1.0 / jnp.maximum(absmax, _TINY)
   scaled = _blocked(w32, axis, block) * jnp.expand_dims(inv, axis + 1)
   if fmt == "nf4":
     scaled = jnp.clip(scaled, -1.0, 1.0).reshape(w.shape)
@@ -298,7 +304,7 @@ def _double_quant(absmax: Array, axis: int, lead: tuple[int, ...]):
   padded = jnp.pad(flat, [(0, 0)] * len(lead_shape) + [(0, g * DQ_BLOCK - m)])
   groups = padded.reshape(*lead_shape, g, DQ_BLOCK)
   absmax2 = jnp.max(jnp.abs(groups), axis=-1)
-  scaled = jnp.clip(groups * (1.0 / jnp.maximum(absmax2, np.float32(1e-38)))[..., None], -1.0, 1.0)
+  scaled = jnp.clip(groups * (1.0 / jnp.maximum(absmax2, _TINY))[..., None], -1.0, 1.0)
   idx = jnp.searchsorted(jnp.asarray(_midpoints(dynamic_code())), scaled, side="left").astype(jnp.uint8)
   idx = idx.reshape(*lead_shape, g * DQ_BLOCK)[..., :m].reshape(t.shape)
   return jnp.transpose(idx, np.argsort(perm)), absmax2, offset

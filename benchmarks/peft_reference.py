@@ -124,6 +124,57 @@ def quantize_bnb_4bit(model, device: str) -> dict[str, Any]:
               linear_bytes_dense=lin_dense, other_bytes=other, linear_count=len(lin4)), model
 
 
+def check_bnb(cfg: common.BenchConfig, out: str) -> dict[str, Any]:
+  """Whether :func:`quantize_bnb_4bit` (in place) gives what ``from_pretrained(...,
+  quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, compute bf16),
+  dtype=torch.bfloat16)`` gives for the same weights saved to a directory: the same module
+  classes, and for each ``Linear4bit`` the same packed weight, scales (both levels), offset,
+  block size, quant type, dtype and compute dtype; the other parameters bf16. CPU."""
+  import tempfile
+
+  common.extra_site()
+  import bitsandbytes as bnb
+  import torch
+  import transformers
+
+  t0 = time.perf_counter()
+  model = build("full", "all", cfg, "cpu", False)
+  with tempfile.TemporaryDirectory() as d:
+    model.save_pretrained(d)
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    ref = transformers.LlamaForCausalLM.from_pretrained(d, quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
+  info, mine = quantize_bnb_4bit(model, "cpu")
+  got, want = dict(mine.named_modules()), dict(ref.named_modules())
+  diffs = [] if got.keys() == want.keys() else [f"modules differ: {sorted(set(got) ^ set(want))[:5]}"]
+  n = 0
+  for name, m in want.items():
+    g = got.get(name)
+    if g is None:
+      continue
+    if type(g) is not type(m):
+      diffs.append(f"{name}: {type(g).__name__} vs {type(m).__name__}")
+    elif isinstance(m, bnb.nn.Linear4bit):
+      n += 1
+      qa, qb = g.weight.quant_state, m.weight.quant_state
+      same = (torch.equal(g.weight.data, m.weight.data) and torch.equal(qa.absmax, qb.absmax)
+              and torch.equal(qa.state2.absmax, qb.state2.absmax) and torch.equal(qa.offset, qb.offset)
+              and (qa.blocksize, qa.quant_type, qa.dtype, g.compute_dtype) == (qb.blocksize, qb.quant_type, qb.dtype, m.compute_dtype))
+      if not same:
+        diffs.append(f"{name}: quantized weight or state differs")
+  dense_dtypes = sorted({str(p.dtype) for nme, p in mine.named_parameters() if "proj" not in nme})
+  row = dict(linear4bit_compared=n, equal=not diffs, diffs=diffs[:10], dense_dtypes=dense_dtypes,
+             reference_loaded_in_4bit=bool(getattr(ref, "is_loaded_in_4bit", False)), bnb=info["bnb"],
+             wall_s=round(time.perf_counter() - t0, 2))
+  payload = dict(benchmark="bnb_check", env=common.env_info("torch"), config=vars(cfg), rows=[row])
+  payload["env"]["versions"]["bitsandbytes"] = common._version("bitsandbytes")
+  common.write_json(out, payload)
+  common.print_table([row], [("linear4bit_compared", "Linear4bit compared", "d"), ("equal", "equal", ""),
+                             ("dense_dtypes", "other params", ""), ("wall_s", "s", ".1f")])
+  print(f"wrote {out}")
+  return payload
+
+
 def build(kind: str, targets: str, cfg: common.BenchConfig, device: str, grad_ckpt: bool,
           info: dict[str, Any] | None = None):
   """The model to train; ``info`` gets what the QLoRA quantization checked and measured."""
@@ -235,10 +286,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--out", default=None)
   p.add_argument("--variants", default=None, help=f"comma-separated keys (default: {','.join(PLAN)})")
   p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-run keys replace theirs)")
+  p.add_argument("--check-bnb", action="store_true",
+                 help="only check quantize_bnb_4bit against from_pretrained(load_in_4bit=True) of the same "
+                      "weights saved to a temporary directory (on the CPU); writes --out")
   common.add_runner_args(p, timeout_s=240)
   args = p.parse_args(argv)
   cfg = common.runner_config(args)
 
+  if args.check_bnb:
+    return check_bnb(cfg, args.out or common.default_out("bnb_check", cfg))
   if args.worker:
     row = measure(*_parse(args.worker), cfg, args.peak_tflops)
     common.write_json(args.result_file, row)

@@ -223,6 +223,34 @@ def init_params(model, config, tokens, key, fmt: str | None = None, *, streamed:
   return jax.tree.unflatten(treedef, out)
 
 
+def check_quantized_init(cfg: common.BenchConfig, formats: list[str], out: str) -> dict[str, Any]:
+  """Whether :func:`init_params` (layer by layer) gives exactly ``lora_jax.quantize(params,
+  "all-linear", model.apply, x)`` of the same values drawn densely: tree definition (static
+  fields included), dtypes and every stored array. Writes ``{format: {...}}`` to ``out``."""
+  import jax
+
+  from lora_jax.models import llama
+
+  config = common.llama_config(cfg)
+  model = llama.LlamaForCausalLM(config)
+  tokens = _tokens(cfg)
+  rows = []
+  for fmt in formats:
+    t0 = time.perf_counter()
+    a = init_params(model, config, tokens, jax.random.key(0), fmt)
+    b = init_params(model, config, tokens, jax.random.key(0), fmt, streamed=False)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    rows.append(dict(format=fmt, same_tree=jax.tree.structure(a) == jax.tree.structure(b), arrays=len(la),
+                     equal=len(la) == len(lb) and all(x.dtype == y.dtype and bool((x == y).all()) for x, y in zip(la, lb)),
+                     wall_s=round(time.perf_counter() - t0, 2)))
+  payload = dict(benchmark="quantized_init", env=common.env_info("jax"), config=vars(cfg), rows=rows)
+  common.write_json(out, payload)
+  common.print_table(rows, [("format", "format", ""), ("same_tree", "same tree", ""), ("equal", "equal arrays", ""),
+                            ("arrays", "arrays", "d"), ("wall_s", "s", ".1f")])
+  print(f"wrote {out}")
+  return payload
+
+
 def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig, rank: int = RANK):
   """Returns ``(step, frozen, state, n_trainable, kind, tokens)``:
   ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated. ``kind`` is
@@ -458,10 +486,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--append", action="store_true",
                  help="keep the rows already in --out; keys measured there are not run again, failed ones are")
   p.add_argument("--rank", type=int, default=RANK)
+  p.add_argument("--check-quantized-init", default=None, metavar="FORMATS",
+                 help="only check init_params: for each format (comma-separated, e.g. nf4,int8), the base built "
+                      "layer by layer equals lora_jax.quantize of the same values drawn densely; writes --out")
   common.add_runner_args(p, timeout_s=180)
   args = p.parse_args(argv)
   cfg = common.runner_config(args)
 
+  if args.check_quantized_init:
+    return check_quantized_init(cfg, args.check_quantized_init.split(","), args.out or common.default_out("quantized_init", cfg))
   if args.worker:  # one variant in this (fresh) process
     import jax  # noqa: F401
 

@@ -34,12 +34,17 @@ RUNS = {
     "overheads": ["--no-train", "--repeats", "1"],
     # The NF4 step: the plain profile, plus the dequantize-fusion summary.
     "profile_step": ["--variant", "lora_jax_nf4/all@remat+chunk", "--steps", "2"],
+    # The layer-by-layer quantized base is lora_jax.quantize's (NF4 with double quantization:
+    # per-layer second-level scales; int8 takes the same path).
+    "train_step:quantized_init": ["--check-quantized-init", "nf4"],
 }
 HAS_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
 HAS_BNB = HAS_PEFT and importlib.util.find_spec("bitsandbytes") is not None
 if HAS_PEFT:  # eager only: torch.compile takes minutes on a CPU
   RUNS["peft_reference"] = ["--variants", "dora/all@eager" + (",qlora/all@eager+ckpt+amp" if HAS_BNB else ""),
-                            "--warmup", "1", "--iters", "2"]
+                            "--warmup", "0", "--iters", "2"]
+if HAS_BNB:  # the in-place bitsandbytes model is from_pretrained(load_in_4bit=True)'s
+  RUNS["peft_reference:bnb_check"] = ["--check-bnb"]
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +54,11 @@ def results(tmp_path_factory):
   flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
   procs = {}
-  for script, extra in RUNS.items():
-    out = tmp / f"{script}.json"
+  for key, extra in RUNS.items():
+    script = key.split(":")[0]  # "train_step:quantized_init": the same script, another run
+    out = tmp / f"{key.replace(':', '_')}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--config", "cpu-small", "--out", str(out), *extra]
-    procs[script] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
+    procs[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
   found = {}
   for script, (proc, out) in procs.items():
     stdout, stderr = proc.communicate(timeout=600)
@@ -114,55 +120,23 @@ def test_quantized_base_rows(results):
   assert nf4["base_bytes_stored"] == nf4["linear_bytes_stored"] + nf4["other_bytes"]
 
 
-def test_streamed_quantized_init_is_what_quantize_gives(fmt="nf4"):
+def test_streamed_quantized_init_is_what_quantize_gives(results):
   """``train_step.init_params`` (each kernel drawn and quantized a layer at a time, so the dense
   model never exists) gives exactly ``lora_jax.quantize(params, "all-linear", model.apply, x)``
-  of the same values drawn densely: structure, static fields and every stored array. NF4 (with
-  double quantization: per-layer second-level scales) only; int8 takes the same path."""
-  import jax
-
-  from benchmarks import train_step
-  from lora_jax.models import llama
-
-  config = common.llama_config(CFG)
-  model = llama.LlamaForCausalLM(config)
-  tokens = train_step._tokens(CFG)
-  a = train_step.init_params(model, config, tokens, jax.random.key(0), fmt)
-  b = train_step.init_params(model, config, tokens, jax.random.key(0), fmt, streamed=False)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  assert all(x.dtype == y.dtype and bool((x == y).all()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  of the same values drawn densely: structure, static fields and every stored array."""
+  (r,) = results["train_step:quantized_init"]["rows"]
+  assert r["format"] == "nf4" and r["same_tree"] and r["equal"] and r["arrays"] > 7, r
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
-def test_bnb_in_place_is_what_load_in_4bit_gives(tmp_path):
+def test_bnb_in_place_is_what_load_in_4bit_gives(results):
   """``peft_reference.quantize_bnb_4bit`` (the model quantized in place) equals the same weights
   saved and loaded with ``from_pretrained(..., quantization_config=BitsAndBytesConfig(
   load_in_4bit=True, nf4, double quant, compute bf16))``: module classes, packed weights, scales."""
-  import bitsandbytes as bnb
-  import torch
-  import transformers
-
-  from benchmarks import peft_reference
-
-  model = peft_reference.build("full", "all", CFG, "cpu", False)
-  model.save_pretrained(tmp_path)
-  qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
-  ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
-  info, mine = peft_reference.quantize_bnb_4bit(model, "cpu")
-  assert info["bnb"]["linear4bit"] == 7 * CFG.layers and info["bnb"]["kept"] == ["lm_head"]
-  got, want = dict(mine.named_modules()), dict(ref.named_modules())
-  assert got.keys() == want.keys()
-  for name, m in want.items():
-    assert type(got[name]) is type(m), name
-    if isinstance(m, bnb.nn.Linear4bit):
-      a, b = got[name].weight, m.weight
-      assert torch.equal(a.data, b.data), name
-      qa, qb = a.quant_state, b.quant_state
-      assert torch.equal(qa.absmax, qb.absmax) and torch.equal(qa.state2.absmax, qb.state2.absmax), name
-      assert torch.equal(qa.offset, qb.offset), name
-      assert (qa.blocksize, qa.quant_type, qa.dtype, got[name].compute_dtype) == (qb.blocksize, qb.quant_type, qb.dtype, m.compute_dtype)
-  assert {p.dtype for n, p in mine.named_parameters() if "proj" not in n} == {torch.bfloat16}
+  (r,) = results["peft_reference:bnb_check"]["rows"]
+  assert r["equal"], r["diffs"]
+  assert r["linear4bit_compared"] == 7 * CFG.layers and r["reference_loaded_in_4bit"]
+  assert r["bnb"]["kept"] == ["lm_head"] and r["dense_dtypes"] == ["torch.bfloat16"]
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="torch / transformers / peft not installed")

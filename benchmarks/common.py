@@ -72,6 +72,20 @@ CONFIGS = {
         batch=4, seq=1024, dtype="bfloat16", attention="cudnn", warmup=3, iters=10,
         matmul_n=8192, chunk=1024,
     ),
+    # Llama-2-7B shapes (hidden 4096, 32 layers, 32 heads = 32 KV heads, MLP 11008, vocab
+    # 32000), random weights: the QLoRA stage's large model (NF4 base; a bf16 base of these
+    # shapes is 13.5 GB). Fewer steps: each is ~10x a TinyLlama step.
+    "llama7b": BenchConfig(
+        "llama7b", vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=32, mlp=11008,
+        batch=4, seq=1024, dtype="bfloat16", attention="cudnn", warmup=2, iters=5,
+        matmul_n=8192, chunk=1024,
+    ),
+    # cpu-small with as many KV heads as heads (7B's multi-head attention): the CPU smoke
+    # test's stand-in for llama7b.
+    "cpu-small-mha": BenchConfig(
+        "cpu-small-mha", vocab=256, hidden=64, layers=2, heads=4, kv_heads=4, mlp=128, batch=2,
+        seq=32, dtype="bfloat16", attention=None, warmup=1, iters=2, matmul_n=256, chunk=32,
+    ),
 }
 
 
@@ -289,6 +303,15 @@ def jax_peak_bytes() -> int | None:
 
   stats = jax.devices()[0].memory_stats()
   return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def jax_bytes_in_use() -> int | None:
+  """``memory_stats()["bytes_in_use"]`` of the first device (None where the backend has no
+  allocator statistics, e.g. the CPU)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats or "bytes_in_use" not in stats else int(stats["bytes_in_use"])
 
 
 def jax_memory_analysis(compiled) -> dict[str, int] | None:

@@ -142,7 +142,7 @@ def _with_key_fields(r: dict[str, Any], last: str) -> dict[str, Any]:
   rest, setting = r["variant"].split("@", 1)
   impl, _, targets = rest.partition("/")
   if last == "mode":
-    impl = f"peft_{impl}" if impl in ("lora", "dora") else "torch_full"
+    impl = f"peft_{impl}" if impl in ("lora", "dora", "qlora") else "torch_full"
   return {"impl": impl, "targets": targets, last: setting, **{k: v for k, v in r.items() if v is not None}}
 
 
@@ -212,6 +212,147 @@ def dora_section(train: dict | None, peft: dict | None, source: str) -> list[str
 
 
 RANK_NOTE = "16, alpha 32"
+
+# QLoRA (run_gpu.sh stage `qlora`): NF4-base step over the bf16-base step at 1.1B, same tune, same
+# run; at 7B shapes lora_jax NF4 at least as fast as PEFT + bitsandbytes and at most its peak.
+QLORA_TARGETS = dict(nf4_step=1.15, vs_peft_7b=1.0, mem_vs_peft_7b=1.0, nf4_bytes_issue=0.28, int8_bytes_issue=0.5)
+PEFT_QLORA_MODE = "eager+ckpt+amp"  # the PEFT rows the goals compare with
+
+
+def _bytes_ratio(q: dict | None, b: dict | None, part: str) -> float | None:
+  """Base bytes of row ``q`` over row ``b`` from the device measurement: ``whole`` (all frozen
+  params) or ``linear`` (the all-linear kernels: the measured bytes minus the dense rest)."""
+  if not q or not b or not q.get("base_bytes_device") or not b.get("base_bytes_device"):
+    return None
+  if part == "whole":
+    return q["base_bytes_device"] / b["base_bytes_device"]
+  num, den = q["base_bytes_device"] - (q.get("other_bytes") or 0), b["base_bytes_device"] - (b.get("other_bytes") or 0)
+  return num / den if den > 0 else None
+
+
+def _stored_ratio(q: dict | None, part: str) -> float | None:
+  """The same from the stored bytes and the kernels' dense bytes (shapes x dtype), one row."""
+  if not q or not q.get("linear_bytes_dense"):
+    return None
+  if part == "linear":
+    return q["linear_bytes_stored"] / q["linear_bytes_dense"]
+  return q["base_bytes_stored"] / (q["linear_bytes_dense"] + q["other_bytes"])
+
+
+def qlora_section(small: dict[str, Any], big: dict[str, Any], names: tuple[str, str]) -> list[str]:
+  """The "Quantized base (QLoRA)" section from the stage's files: ``small`` / ``big`` hold the
+  ``train`` / ``peft`` / ``profile`` payloads of the 1.1B config and the 7B config."""
+  t1 = [_with_key_fields(r, "tune") for r in (small.get("train") or {}).get("rows", [])]
+  t7 = [_with_key_fields(r, "tune") for r in (big.get("train") or {}).get("rows", [])]
+  p1 = [_with_key_fields(r, "mode") for r in (small.get("peft") or {}).get("rows", [])]
+  p7 = [_with_key_fields(r, "mode") for r in (big.get("peft") or {}).get("rows", [])]
+  if not (t1 or t7 or p1 or p7):
+    return []
+  checks: list[dict[str, Any]] = []
+
+  def add(what, got, want=None, how="<=", a=None, b=None, note=""):
+    goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
+    checks.append(dict(what=what, measured=got, target=goal, verdict=_verdict(got, want, how) + note,
+                       same_run=_same_run(a, b)))
+
+  n1, n7 = names
+  tunes = list(dict.fromkeys(r["tune"] for r in t1 if r.get("impl") in ("lora_jax_nf4", "lora_jax_int8")))
+  for tune in tunes:
+    bf = _find(t1, impl="lora_jax", targets="all", tune=tune)
+    nf = _find(t1, impl="lora_jax_nf4", targets="all", tune=tune)
+    i8 = _find(t1, impl="lora_jax_int8", targets="all", tune=tune)
+    add(f"{n1} @{tune}: NF4-base / bf16-base step time", _inv_ratio(nf, bf, "step_ms"), QLORA_TARGETS["nf4_step"], a=nf, b=bf)
+    add(f"(info) {n1} @{tune}: int8-base / bf16-base step time", _inv_ratio(i8, bf, "step_ms"), a=i8, b=bf)
+    add(f"(info) {n1} @{tune}: NF4-base / bf16-base peak memory", _inv_ratio(nf, bf, "peak_gib"), a=nf, b=bf)
+    add(f"(info) {n1} @{tune}: int8-base / bf16-base peak memory", _inv_ratio(i8, bf, "peak_gib"), a=i8, b=bf)
+    for fmt, row in (("NF4", nf), ("int8", i8)):
+      issue = QLORA_TARGETS["nf4_bytes_issue" if fmt == "NF4" else "int8_bytes_issue"]
+      add(f"(info) {n1}: {fmt} / bf16 base bytes, device, whole base (stored: {common.fmt(_stored_ratio(row, 'whole'), '.3f')})",
+          _bytes_ratio(row, bf, "whole"), a=row, b=bf, note=f" (issue: ~{issue}, at 7B shapes)")
+      add(f"(info) {n1}: {fmt} / bf16 base bytes, device, all-linear kernels (stored: {common.fmt(_stored_ratio(row, 'linear'), '.3f')})",
+          _bytes_ratio(row, bf, "linear"), a=row, b=bf)
+  nf7 = next((r for r in _ok(t7) if r.get("impl") == "lora_jax_nf4"), None)
+  pq7 = _find(p7, impl="peft_qlora", targets="all", mode=PEFT_QLORA_MODE)
+  if nf7 or pq7:
+    add(f"{n7}: lora_jax NF4 tokens/s / PEFT+bnb QLoRA ({PEFT_QLORA_MODE})", _ratio(nf7, pq7), QLORA_TARGETS["vs_peft_7b"],
+        how=">=", a=nf7, b=pq7)
+    add(f"{n7}: lora_jax NF4 peak / PEFT+bnb QLoRA peak", _inv_ratio(nf7, pq7, "peak_gib"), QLORA_TARGETS["mem_vs_peft_7b"],
+        a=nf7, b=pq7)
+    if nf7 and nf7.get("linear_bytes_dense"):
+      dense = nf7["linear_bytes_dense"] + nf7["other_bytes"]
+      whole = nf7["base_bytes_device"] / dense if nf7.get("base_bytes_device") else None
+      add(f"(info) {n7}: NF4 base bytes, device / bf16 base bytes from the shapes (stored: "
+          f"{common.fmt(_stored_ratio(nf7, 'whole'), '.3f')})", whole, a=nf7, b=nf7,
+          note=f" (issue: ~{QLORA_TARGETS['nf4_bytes_issue']})")
+    for r in _ok(p7):
+      if r.get("impl") == "peft_qlora" and r.get("mode") != PEFT_QLORA_MODE:
+        add(f"(info) {n7}: lora_jax NF4 tokens/s / PEFT+bnb QLoRA ({r['mode']})", _ratio(nf7, r), how=">=", a=nf7, b=r)
+  nf1 = next((r for r in _ok(t1) if r.get("impl") == "lora_jax_nf4"), None)
+  pq1 = _find(p1, impl="peft_qlora", targets="all", mode=PEFT_QLORA_MODE)
+  pl1 = _find(p1, impl="peft_lora", targets="all", mode=PEFT_QLORA_MODE)
+  if pq1 or pl1:
+    add(f"(info) {n1}: lora_jax NF4 tokens/s / PEFT+bnb QLoRA ({PEFT_QLORA_MODE})", _ratio(nf1, pq1), how=">=", a=nf1, b=pq1)
+    add(f"(info) {n1}: lora_jax NF4 peak / PEFT+bnb QLoRA peak", _inv_ratio(nf1, pq1, "peak_gib"), a=nf1, b=pq1)
+    add(f"(info) {n1}: PEFT QLoRA / PEFT bf16-base LoRA step time ({PEFT_QLORA_MODE})", _inv_ratio(pq1, pl1, "step_ms"),
+        a=pq1, b=pl1)
+  rows = []
+  for name, tr, pr in ((n1, t1, p1), (n7, t7, p7)):
+    for r in tr:
+      rows.append(dict(r, size=name, framework="JAX", setting=r.get("tune"), **_gib_fields(r),
+                       status=r.get("error") or r.get("skipped") or "ok"))
+    for r in pr:
+      rows.append(dict(r, size=name, framework="PyTorch", setting=r.get("mode"), **_gib_fields(r),
+                       status=r.get("error") or r.get("skipped") or "ok"))
+  out = [
+      "## Quantized base (QLoRA)", "",
+      "All-linear adapters (r=16, alpha 32) on a frozen base whose all-linear kernels are stored quantized "
+      "(lora_jax: `lora_jax.quantize` NF4, blocks of 64 with double-quantized scales, or int8 per output channel; "
+      "PEFT: bitsandbytes `Linear4bit` as `load_in_4bit=True, nf4, double quant, compute bf16` builds it), "
+      "embeddings / `lm_head` / norms bf16; random weights; bf16 compute. lora_jax builds the quantized base "
+      "layer by layer on the device (the dense model never exists); base bytes are `bytes_in_use` after minus "
+      "before building it (`stored`: the arrays' own bytes). PEFT: eager, gradient checkpointing per layer "
+      "(lora_jax remats each layer), `torch.autocast(bf16)`, `torch.optim.AdamW` (fused), peak from after the "
+      f"model is built. From run_gpu.sh stage `qlora` ({', '.join(f'`{f}`' for f in small.get('files', []) + big.get('files', []))}).", "",
+      "Shapes: " + "; ".join(_shapes_line(n, part) for n, part in ((n1, small), (n7, big)) if _shapes_line(n, part)) + ".", "",
+      md_table(checks, [("what", "ratio", ""), ("measured", "measured", ".3f"), ("target", "goal", ""),
+                        ("verdict", "verdict", ""), ("same_run", "same run", "")]), "",
+      md_table(rows, [("size", "shapes", ""), ("framework", "framework", ""), ("impl", "implementation", ""),
+                      ("setting", "config", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                      ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("peak_setup_gib", "peak before step GiB", ".2f"),
+                      ("xla_mem_gib", "XLA plan GiB", ".2f"), ("base_gib", "base GiB (device)", ".3f"),
+                      ("base_stored_gib", "base GiB (stored)", ".3f"), ("trainable_params", "trainable", ",d"),
+                      ("compile_s", "compile s", ".1f"), ("first_step_s", "1st step s", ".1f"), ("status", "status", "")]), "",
+  ]
+  errs = [r for r in rows if r.get("error")]
+  if errs:
+    out += ["QLoRA-run errors, as recorded:", ""] + [f"- `{r['size']}` `{r.get('variant')}`: {r['error']}" for r in errs] + [""]
+  prof = small.get("profile")
+  q = (prof or {}).get("quantized_base")
+  if q:
+    total = prof["total_op_ms_per_step"]
+    prow = [dict(what=k, ms=v, share=q["share_of_device_time"].get(k)) for k, v in q["ms_per_step"].items()]
+    out += [f"Profile of `{prof['variant']}` ({n1}; device time {total:.1f} ms / step; "
+            f"{q['matched_share']:.0%} of it matched to HLO instructions): {q['hlo_counts']['dequant']} dequantize "
+            f"fusions in the HLO, {q['dequant_feeding_gemm']} of them feeding a GEMM (the dense kernel goes through "
+            f"HBM: {q['dequant_feeding_gemm_ms_per_step']:.2f} ms / step, "
+            f"{q['dequant_out_bytes_per_step'] / 2**30:.2f} GiB written per step); "
+            f"{q['hlo_counts']['gemm_fused_dequant']} GEMMs read the codes themselves.", "",
+            md_table(prow, [("what", "kernels", ""), ("ms", "ms / step", ".2f"), ("share", "share", ".1%")]), ""]
+  return out
+
+
+def _shapes_line(name: str, part: dict[str, Any]) -> str:
+  c = ((part.get("train") or part.get("peft")) or {}).get("config")
+  if not c:
+    return ""
+  return (f"`{name}`: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, "
+          f"MLP {c['mlp']}, vocab {c['vocab']}, batch {c['batch']} x {c['seq']}, median of {c['iters']} steps after "
+          f"{c['warmup']}")
+
+
+def _gib_fields(r: dict[str, Any]) -> dict[str, Any]:
+  return dict(base_gib=r["base_bytes_device"] / 2**30 if r.get("base_bytes_device") else None,
+              base_stored_gib=r["base_bytes_stored"] / 2**30 if r.get("base_bytes_stored") else None)
 
 
 def _ds(r: dict[str, Any], payload: dict | None) -> float | None:
@@ -319,6 +460,7 @@ def plot_scaling(scaling: dict | None, path: str) -> bool:
 def main(argv: list[str] | None = None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="tinyllama")
+  p.add_argument("--big-config", default="llama7b", help="the QLoRA section's large model (qlora_*_<big>.json)")
   p.add_argument("--results", default=common.RESULTS)
   p.add_argument("--out", default=None, help="markdown path (default <results>/README.md)")
   args = p.parse_args(argv)
@@ -339,6 +481,11 @@ def main(argv: list[str] | None = None) -> str:
   for name, payload in (("dora_train_step", dora_train), ("dora_peft_reference", dora_peft)):
     if payload:
       parts.append(f"- **{name}**: {_env_line(payload)}")
+  for name in ("qlora_train_step", "qlora_peft_reference"):
+    for cfg_name in dict.fromkeys((args.config, args.big_config)):
+      payload = _load(res, name, cfg_name)
+      if payload:
+        parts.append(f"- **{name}_{cfg_name}**: {_env_line(payload)}")
   parts.append("")
   if train:
     c = train["config"]
@@ -390,6 +537,15 @@ def main(argv: list[str] | None = None) -> str:
     derr = [r for r in (dora_train or {}).get("rows", []) + (dora_peft or {}).get("rows", []) if r.get("error")]
     if derr:
       parts += ["DoRA-run errors, as recorded:", ""] + [f"- `{r.get('variant')}`: {r['error']}" for r in derr] + [""]
+  qfiles: dict[str, dict[str, Any]] = {"small": {"files": []}, "big": {"files": []}}
+  for part, cfg_name in (("small", args.config), ("big", args.big_config)):
+    for key, name in (("train", "qlora_train_step"), ("peft", "qlora_peft_reference"), ("profile", "qlora_profile")):
+      qfiles[part][key] = _load(res, name, cfg_name)
+      if qfiles[part][key]:
+        qfiles[part]["files"].append(f"{name}_{cfg_name}.json")
+  qtext = qlora_section(qfiles["small"], qfiles["big"], (args.config, args.big_config))
+  if qtext:
+    parts += qtext
   profile = _load(res, "profile", args.config)
   if profile:
     parts += profile_section(profile)

@@ -14,20 +14,31 @@
 #     (compile, then eager), into $RES/dora_train_step_$CONFIG.json and dora_peft_reference_$CONFIG.json
 #     (DORA_TRAIN_VARIANTS / DORA_PEFT_VARIANTS override the lists; DORA_TRAIN_BUDGET=150 caps the
 #     JAX half, the PEFT half gets the rest; every subprocess's limit is cut to the time left)
+#   qlora: quantized base (QLoRA), one run (~8 min with BUDGET_S=480), each variant in its own process:
+#     lora_jax all-linear at QLORA_TUNE (default unroll2+keep_xa) on a bf16, NF4 and int8 base at $CONFIG
+#     (1.1B), then NF4 at QLORA_BIG_CONFIG (default llama7b: Llama-2-7B shapes); then PEFT + bitsandbytes:
+#     bf16-base LoRA and QLoRA at $CONFIG, QLoRA at the 7B shapes (eager, gradient checkpointing, bf16
+#     autocast: QLORA_PEFT_MODE), then, with the time left, PEFT QLoRA under torch.compile at $CONFIG.
+#     Writes $RES/qlora_train_step_<config>.json and qlora_peft_reference_<config>.json for both configs;
+#     QLORA_PROFILE=1 adds a short profile of the $CONFIG NF4 step (qlora_profile_$CONFIG.json: time in
+#     dequantize fusions vs GEMMs). Caps (s): QLORA_TRAIN_BUDGET=170 (1.1B JAX), QLORA_BIG_BUDGET=130
+#     (7B JAX), QLORA_PEFT_BUDGET=80 (1.1B PEFT); the 7B PEFT run gets what is left. bitsandbytes is
+#     not in the device image: its wheel must be in .whl/ (see "Extras" below).
 # Environment (all optional):
-#   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama
+#   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama  RES=/tmp/bench_results (the JSON files)
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
 #   APPEND=1: start from the JSON files in benchmarks/results and add/replace rows
 #   LORA_JAX_COMMIT: recorded in the JSON when the machine has no git checkout (pass
 #     LORA_JAX_COMMIT=$(git rev-parse --short HEAD) from where you launch it)
 #   TRAIN_BUDGET PEFT_BUDGET INFER_BUDGET OVER_BUDGET SCALING_BUDGET: seconds per stage
-# Extras: wheels in .whl/ (qwix, jax-lorax and their needs) are installed with --target into
-# /tmp/site_extra, which only the qwix / lorax variants put on their path.
+# Extras: wheels in .whl/ (qwix, jax-lorax and their needs; bitsandbytes for the PEFT QLoRA variants)
+# are installed with --target into /tmp/site_extra, which only the qwix / lorax / qlora variants put on
+# their path.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
 CONFIG=${CONFIG:-tinyllama}
-RES=/tmp/bench_results
+RES=${RES:-/tmp/bench_results}  # the JSON files (packed into $OUT/results.tgz)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$RES"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -115,6 +126,67 @@ for stage in "${stages[@]}"; do
           $APPEND_FLAG --variants "${DORA_PEFT_VARIANTS:-lora/all@compile,dora/all@compile,dora/all@eager,lora/all@eager}"
       else
         echo "== dora: PEFT half skipped: time budget"
+      fi ;;
+    qlora)  # quantized base: its own JSON files, one run (report.py: "Quantized base (QLoRA)")
+      tune=${QLORA_TUNE:-unroll2+keep_xa}
+      big=${QLORA_BIG_CONFIG:-llama7b}
+      pmode=${QLORA_PEFT_MODE:-eager+ckpt+amp}
+      end=$(stage_budget "${QLORA_TRAIN_BUDGET:-170}")
+      timeout $((end + 30)) $PY benchmarks/train_step.py --config "$CONFIG" --out "$RES/qlora_train_step_$CONFIG.json" \
+        --isolate --end-s "$end" --min-start-s 25 --timeout-s 120 $APPEND_FLAG \
+        --variants "${QLORA_TRAIN_VARIANTS:-lora_jax/all@$tune,lora_jax_nf4/all@$tune,lora_jax_int8/all@$tune}"
+      echo "== qlora: lora_jax $CONFIG exited $? at +$((SECONDS - start))s, $(left)s left"
+      pack
+      end=$(stage_budget "${QLORA_BIG_BUDGET:-130}")
+      if (( end > 40 )); then
+        timeout $((end + 30)) $PY benchmarks/train_step.py --config "$big" --out "$RES/qlora_train_step_$big.json" \
+          --isolate --end-s "$end" --min-start-s 40 --timeout-s 170 $APPEND_FLAG \
+          --variants "${QLORA_BIG_VARIANTS:-lora_jax_nf4/all@$tune}"
+        echo "== qlora: lora_jax $big exited $? at +$((SECONDS - start))s, $(left)s left"
+      else
+        echo "== qlora: lora_jax $big skipped: time budget"
+      fi
+      pack
+      end=$(stage_budget "${QLORA_PEFT_BUDGET:-80}")
+      if (( end > 30 )); then
+        timeout $((end + 20)) $PY benchmarks/peft_reference.py --config "$CONFIG" \
+          --out "$RES/qlora_peft_reference_$CONFIG.json" --isolate --end-s "$end" --min-start-s 20 --timeout-s 90 \
+          $APPEND_FLAG --variants "${QLORA_PEFT_VARIANTS:-lora/all@$pmode,qlora/all@$pmode}"
+        echo "== qlora: PEFT $CONFIG exited $? at +$((SECONDS - start))s, $(left)s left"
+      else
+        echo "== qlora: PEFT $CONFIG skipped: time budget"
+      fi
+      pack
+      want=$(( $(left) - 15 ))
+      [[ "${QLORA_PROFILE:-0}" == 1 ]] && want=$(( want - 80 ))  # keep time for the profile
+      end=$(stage_budget "$want")
+      if (( end > 40 )); then
+        timeout $((end + 20)) $PY benchmarks/peft_reference.py --config "$big" \
+          --out "$RES/qlora_peft_reference_$big.json" --isolate --end-s "$end" --min-start-s 40 --timeout-s 200 \
+          $APPEND_FLAG --variants "${QLORA_PEFT_BIG_VARIANTS:-qlora/all@$pmode}"
+        echo "== qlora: PEFT $big exited $? at +$((SECONDS - start))s, $(left)s left"
+      else
+        echo "== qlora: PEFT $big skipped: time budget"
+      fi
+      pack
+      if [[ "${QLORA_PROFILE:-0}" == 1 ]]; then
+        b=$(stage_budget 90)
+        if (( b > 40 )); then
+          timeout "$b" $PY benchmarks/profile_step.py --config "$CONFIG" --variant "lora_jax_nf4/all@$tune" --steps 3 \
+            --out "$RES/qlora_profile_$CONFIG.json"
+          echo "== qlora: profile exited $? at +$((SECONDS - start))s, $(left)s left"
+        else
+          echo "== qlora: profile skipped: time budget"
+        fi
+        pack
+      fi
+      end=$(( $(left) - 15 ))  # torch.compile of the bitsandbytes model, if time is left (often graph-breaks)
+      if (( end > 60 )); then
+        timeout $((end + 10)) $PY benchmarks/peft_reference.py --config "$CONFIG" \
+          --out "$RES/qlora_peft_reference_$CONFIG.json" --isolate --end-s "$end" --min-start-s 60 --timeout-s 240 \
+          --append --variants "${QLORA_PEFT_EXTRA_VARIANTS:-qlora/all@compile+ckpt+amp}"
+      else
+        echo "== qlora: PEFT compile skipped: time budget"
       fi ;;
     inference)
       b=$(stage_budget "${INFER_BUDGET:-70}")

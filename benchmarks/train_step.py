@@ -19,6 +19,16 @@ Variants (``impl/targets@tune``):
 * ``lora_jax_dropout``: LoRA with ``LoraSpec(dropout=0.05)`` and ``lora_dropout_rng`` (a fresh
   key every step, carried in the donated state): each adapter's ``x @ a`` then reads its own
   dropped input, so the thin matmuls are not grouped.
+* ``lora_jax_nf4`` / ``lora_jax_int8``: QLoRA: ``lora_jax`` (factored, all-linear adapters) on a
+  quantized frozen base: every all-linear kernel a ``lora_jax.QuantizedKernel`` (NF4: blocks of
+  64, double-quantized scales, as bitsandbytes' ``load_in_4bit``; int8: one scale per output
+  channel), embeddings, ``lm_head`` and norms bf16; ``wrap`` dequantizes each kernel at its use
+  inside the step. The base is built leaf by leaf and layer by layer on the device
+  (:func:`init_params`: random bf16 layer, quantized, dropped), so the dense model never
+  exists and the process peak is the quantized model's. Rows record the base's bytes
+  (``base_bytes_device``: ``bytes_in_use`` after minus before building it; ``base_bytes_stored``:
+  the leaves' own bytes, ``QuantizedKernel.nbytes`` for the quantized ones) and the peak before
+  the step ran (``peak_setup_gib``); every lora_jax row records them, so the bf16 base's too.
 * ``handwritten``: :mod:`benchmarks.handwritten`, the factored form written by hand.
 * ``handwritten_grouped``: the same with ``h @ [a_q|a_k|a_v]`` and ``g @ [a_gate|a_up]`` as one
   thin GEMM each.
@@ -42,12 +52,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -58,9 +71,12 @@ TARGETS = {
     "qv": ("q_proj", "v_proj"),
 }
 DROPOUT = 0.05  # lora_jax_dropout
-IMPLS = ("full", "lora_jax", "lora_jax_nogroup", "lora_jax_merged", "lora_jax_dora", "lora_jax_dropout", "handwritten",
-         "handwritten_grouped", "qwix", "lorax")
-LORA_JAX_IMPLS = ("lora_jax", "lora_jax_merged", "lora_jax_nogroup", "lora_jax_dora", "lora_jax_dropout")
+IMPLS = ("full", "lora_jax", "lora_jax_nogroup", "lora_jax_merged", "lora_jax_dora", "lora_jax_dropout", "lora_jax_nf4",
+         "lora_jax_int8", "handwritten", "handwritten_grouped", "qwix", "lorax")
+QUANT_IMPLS = {"lora_jax_nf4": "nf4", "lora_jax_int8": "int8"}  # impl -> lora_jax.quantize(format=)
+LORA_JAX_IMPLS = ("lora_jax", "lora_jax_merged", "lora_jax_nogroup", "lora_jax_dora", "lora_jax_dropout", *QUANT_IMPLS)
+# What the last build() measured about the frozen params (merged into the variant's row).
+BUILD_INFO: dict[str, Any] = {}
 
 
 def tunes(cfg: common.BenchConfig) -> dict[str, dict[str, Any]]:
@@ -98,6 +114,141 @@ def _tokens(cfg: common.BenchConfig):
   import jax
 
   return jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype="int32")
+
+
+def base_bytes(model, params, x) -> dict[str, int]:
+  """Bytes of the frozen params as stored (``base_bytes_stored``; a ``QuantizedKernel`` counts its
+  packed arrays, ``nbytes``), of the all-linear kernels (what ``lora_jax.quantize(params,
+  "all-linear", ...)`` quantizes: ``linear_bytes_stored``, quantized or dense, and
+  ``linear_bytes_dense``, in the kernels' dtype) and of the rest (``other_bytes``: embeddings,
+  ``lm_head``, norms)."""
+  import jax
+
+  import lora_jax
+
+  is_q = lambda v: isinstance(v, lora_jax.QuantizedKernel)  # noqa: E731
+  nbytes = lambda v: v.nbytes if is_q(v) else int(v.size * v.dtype.itemsize)  # noqa: E731
+  leaves = jax.tree.leaves(params, is_leaf=is_q)
+  if any(is_q(v) for v in leaves):
+    linear = [is_q(v) for v in leaves]
+  else:  # which dense kernels quantize would take
+    shapes = jax.eval_shape(lambda p: lora_jax.quantize(p, "all-linear", model.apply, x), params)
+    linear = [is_q(v) for v in jax.tree.leaves(shapes, is_leaf=is_q)]
+  stored = sum(nbytes(v) for v in leaves)
+  lin_stored = sum(nbytes(v) for v, m in zip(leaves, linear) if m)
+  lin_dense = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v, m in zip(leaves, linear) if m)
+  return dict(base_bytes_stored=stored, linear_bytes_stored=lin_stored, linear_bytes_dense=lin_dense,
+              other_bytes=stored - lin_stored, qkernel_count=sum(is_q(v) for v in leaves), linear_count=sum(linear))
+
+
+def _draw_layers(key, *, n: int, shape: tuple[int, ...], dtype, std: float, fmt: str | None, layout: str):
+  """``n`` random layers of ``shape`` (``n = 0``: one kernel, no layer axis), each drawn and
+  (``fmt``) quantized on its own under ``lax.map``: one jit per distinct shape."""
+  return _draw_layers_fn()(key, n=n, shape=tuple(shape), dtype=np.dtype(dtype), std=std, fmt=fmt, layout=layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _draw_layers_fn():
+  import jax
+  import jax.numpy as jnp
+
+  from lora_jax.bases.quantized import quantize_kernel
+
+  @functools.partial(jax.jit, static_argnames=("n", "shape", "dtype", "std", "fmt", "layout"))
+  def f(key, *, n, shape, dtype, std, fmt, layout):
+    def one(k):
+      w = (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+      return w if fmt is None else quantize_kernel(w, format=fmt, layout=layout)
+
+    return jax.lax.map(one, jax.random.split(key, n)) if n else one(key)
+
+  return f
+
+
+def init_params(model, config, tokens, key, fmt: str | None = None, *, streamed: bool = True):
+  """The model's params (``model.init``); with ``fmt`` (``"nf4"``, ``"int8"``) random params of
+  the same shapes with all-linear kernels quantized, embeddings, ``lm_head`` and norms dense.
+
+  The quantized tree has exactly the structure ``lora_jax.quantize(params, "all-linear",
+  model.apply, x, format=fmt)`` gives (checked: same tree definition, shapes and dtypes; read
+  off ``jax.eval_shape`` of that call). With ``streamed`` the dense kernels never exist: each
+  targeted leaf is one jitted ``lax.map`` over its layers that draws a random bf16 layer
+  (normal, ``initializer_range``) and quantizes it (``quantize_kernel``, what ``quantize`` does
+  per kernel); the other leaves are drawn as ``model.init`` draws them (embeddings and
+  ``lm_head`` normal, norm scales ones; not ``model.init`` itself: XLA keeps ~1.5 GB of its dead
+  layer loop at TinyLlama shapes). Without ``streamed`` the same values are drawn densely, then
+  ``quantize``d (the reference the smoke test compares against).
+  """
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  import lora_jax
+
+  x = tokens[:1]
+  if fmt is None:
+    return jax.jit(model.init)(key, x)
+  is_q = lambda v: isinstance(v, lora_jax.QuantizedKernel)  # noqa: E731
+  qabs = jax.eval_shape(lambda p: lora_jax.quantize(p, "all-linear", model.apply, x, format=fmt),
+                        jax.eval_shape(model.init, key, x))
+  paths, treedef = jax.tree_util.tree_flatten_with_path(qabs, is_leaf=is_q)
+  leaves = [v for _, v in paths]
+  out: list[Any] = [None] * len(leaves)
+  std = float(config.initializer_range)
+  for i, (path, qa) in enumerate(paths):
+    if not is_q(qa):  # embeddings and lm_head: normal(std), as model.init; norm scales: ones
+      name = jax.tree_util.keystr(path)
+      out[i] = (jax.jit(lambda: jnp.ones(qa.shape, qa.dtype))() if "scale" in name else
+                _draw_layers(jax.random.fold_in(key, i), n=0, shape=qa.shape, dtype=qa.dtype, std=std, fmt=None, layout=""))
+      continue
+    stacked = len(qa.shape) == 3 and qa.layout[0] == "l" and 0 in qa.lead
+    kw = dict(n=qa.shape[0] if stacked else 0, shape=qa.shape[1:] if stacked else qa.shape, dtype=np.dtype(qa.dtype),
+              std=std, layout=qa.layout[1:] if stacked else qa.layout)
+    k = jax.random.fold_in(key, 1000 + i)
+    if not streamed:  # the dense kernel, quantized below with the rest of the tree
+      out[i] = _draw_layers(k, fmt=None, **kw)
+      continue
+    q = _draw_layers(k, fmt=fmt, **kw)
+    if stacked:
+      q = dataclasses.replace(q, shape=qa.shape, axis=qa.axis, lead=qa.lead, layout=qa.layout)
+    got, want = jax.tree.structure(q), jax.tree.structure(qa)
+    if got != want or jax.tree.map(lambda a: (a.shape, a.dtype), jax.tree.leaves(q)) != jax.tree.map(
+        lambda a: (a.shape, a.dtype), jax.tree.leaves(qa)):
+      raise AssertionError(f"leaf {i}: streamed quantization gave {q!r}, lora_jax.quantize gives {qa!r}")
+    out[i] = jax.block_until_ready(q)
+  if not streamed:
+    return lora_jax.quantize(jax.tree.unflatten(jax.tree.structure(jax.eval_shape(model.init, key, x)), out),
+                             "all-linear", model.apply, x, format=fmt)
+  return jax.tree.unflatten(treedef, out)
+
+
+def check_quantized_init(cfg: common.BenchConfig, formats: list[str], out: str) -> dict[str, Any]:
+  """Whether :func:`init_params` (layer by layer) gives exactly ``lora_jax.quantize(params,
+  "all-linear", model.apply, x)`` of the same values drawn densely: tree definition (static
+  fields included), dtypes and every stored array. Writes ``{format: {...}}`` to ``out``."""
+  import jax
+
+  from lora_jax.models import llama
+
+  config = common.llama_config(cfg)
+  model = llama.LlamaForCausalLM(config)
+  tokens = _tokens(cfg)
+  rows = []
+  for fmt in formats:
+    t0 = time.perf_counter()
+    a = init_params(model, config, tokens, jax.random.key(0), fmt)
+    b = init_params(model, config, tokens, jax.random.key(0), fmt, streamed=False)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    rows.append(dict(format=fmt, same_tree=jax.tree.structure(a) == jax.tree.structure(b), arrays=len(la),
+                     equal=len(la) == len(lb) and all(x.dtype == y.dtype and bool((x == y).all()) for x, y in zip(la, lb)),
+                     wall_s=round(time.perf_counter() - t0, 2)))
+  payload = dict(benchmark="quantized_init", env=common.env_info("jax"), config=vars(cfg), rows=rows)
+  common.write_json(out, payload)
+  common.print_table(rows, [("format", "format", ""), ("same_tree", "same tree", ""), ("equal", "equal arrays", ""),
+                            ("arrays", "arrays", "d"), ("wall_s", "s", ".1f")])
+  print(f"wrote {out}")
+  return payload
 
 
 def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig, rank: int = RANK):
@@ -150,7 +301,15 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
 
     return step, [frozen], [trainable, tx.init(trainable)], n_params(trainable), "lora", tokens
 
-  params = jax.jit(model.init)(key, tokens[:1])
+  BUILD_INFO.clear()
+  before = common.jax_bytes_in_use()
+  fmt = QUANT_IMPLS.get(impl)
+  params = jax.block_until_ready(init_params(model, config, tokens, key, fmt))
+  after = common.jax_bytes_in_use()
+  if impl in LORA_JAX_IMPLS:  # the frozen base's bytes (measured on the device, and as stored)
+    BUILD_INFO.update(base_format=fmt or np.dtype(config.param_dtype).name,
+                      base_bytes_device=None if before is None or after is None else after - before,
+                      **base_bytes(model, params, tokens[:1]))
   loss_kw = dict(method="loss", chunk_size=chunk)
 
   if impl == "full":
@@ -242,6 +401,9 @@ def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, pe
     step, frozen, state, n_trainable, kind, tokens = build(impl, targets, tune, cfg, rank)
     jax.block_until_ready((frozen, state))
     row["setup_s"] = round(time.perf_counter() - t0, 2)
+    row.update(BUILD_INFO)
+    peak_setup = common.jax_peak_bytes()
+    row["peak_setup_gib"] = None if peak_setup is None else round(peak_setup / 2**30, 3)
     t0 = time.perf_counter()
     lowered = step.lower(*frozen, *state, tokens)
     row["trace_s"] = round(time.perf_counter() - t0, 2)
@@ -324,10 +486,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--append", action="store_true",
                  help="keep the rows already in --out; keys measured there are not run again, failed ones are")
   p.add_argument("--rank", type=int, default=RANK)
+  p.add_argument("--check-quantized-init", default=None, metavar="FORMATS",
+                 help="only check init_params: for each format (comma-separated, e.g. nf4,int8), the base built "
+                      "layer by layer equals lora_jax.quantize of the same values drawn densely; writes --out")
   common.add_runner_args(p, timeout_s=180)
   args = p.parse_args(argv)
   cfg = common.runner_config(args)
 
+  if args.check_quantized_init:
+    return check_quantized_init(cfg, args.check_quantized_init.split(","), args.out or common.default_out("quantized_init", cfg))
   if args.worker:  # one variant in this (fresh) process
     import jax  # noqa: F401
 

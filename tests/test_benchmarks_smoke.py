@@ -1,8 +1,11 @@
 """The benchmark scripts run end to end at ``--config cpu-small`` and write the JSON they promise.
 
 The scripts run at once, each in its own subprocess (as a user would run them; peft_reference
-only where torch, transformers and peft are installed, DoRA eager only), with
-the smallest settings; the GPU numbers themselves come from ``benchmarks/run_gpu.sh``.
+only where torch, transformers and peft are installed, DoRA eager only, and PEFT QLoRA where
+bitsandbytes is), with the smallest settings; the GPU numbers themselves come from
+``benchmarks/run_gpu.sh``. The QLoRA pieces are also checked against the APIs they stand in for:
+the layer-by-layer quantized base against ``lora_jax.quantize``, the in-place bitsandbytes model
+against ``from_pretrained(..., load_in_4bit=True)``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,24 @@ CFG = common.get_config("cpu-small")
 RUNS = {
     "train_step": [
         "--variants", "lora_jax/all@remat+chunk,handwritten/all@remat+chunk,lora_jax_nogroup/all@unroll2,handwritten_grouped/all@unroll2,"
-                      "lora_jax_dora/all@remat+chunk,lora_jax_dropout/all@remat+chunk",
+                      "lora_jax_dora/all@remat+chunk,lora_jax_dropout/all@remat+chunk,lora_jax_nf4/all@remat+chunk",
         "--warmup", "1", "--iters", "2",
     ],
     "inference": ["--ranks", "2", "--iters", "2"],
     "overheads": ["--no-train", "--repeats", "1"],
-    "profile_step": ["--variant", "lora_jax/all@remat+chunk", "--steps", "2"],
+    # The NF4 step: the plain profile, plus the dequantize-fusion summary.
+    "profile_step": ["--variant", "lora_jax_nf4/all@remat+chunk", "--steps", "2"],
+    # The layer-by-layer quantized base is lora_jax.quantize's (NF4 with double quantization:
+    # per-layer second-level scales; int8 takes the same path).
+    "train_step:quantized_init": ["--check-quantized-init", "nf4"],
 }
 HAS_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+HAS_BNB = HAS_PEFT and importlib.util.find_spec("bitsandbytes") is not None
 if HAS_PEFT:  # eager only: torch.compile takes minutes on a CPU
-  RUNS["peft_reference"] = ["--variants", "dora/all@eager", "--warmup", "1", "--iters", "2"]
+  RUNS["peft_reference"] = ["--variants", "dora/all@eager" + (",qlora/all@eager+ckpt+amp" if HAS_BNB else ""),
+                            "--warmup", "0", "--iters", "2"]
+if HAS_BNB:  # the in-place bitsandbytes model is from_pretrained(load_in_4bit=True)'s
+  RUNS["peft_reference:bnb_check"] = ["--check-bnb"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +54,11 @@ def results(tmp_path_factory):
   flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
   procs = {}
-  for script, extra in RUNS.items():
-    out = tmp / f"{script}.json"
+  for key, extra in RUNS.items():
+    script = key.split(":")[0]  # "train_step:quantized_init": the same script, another run
+    out = tmp / f"{key.replace(':', '_')}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--config", "cpu-small", "--out", str(out), *extra]
-    procs[script] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
+    procs[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), out)
   found = {}
   for script, (proc, out) in procs.items():
     stdout, stderr = proc.communicate(timeout=600)
@@ -72,7 +84,8 @@ def test_train_step_json(results):
   assert payload["best_tune"] == "remat+chunk"
   rows = {r["variant"]: r for r in payload["rows"]}
   assert set(rows) == {"lora_jax/all@remat+chunk", "handwritten/all@remat+chunk", "lora_jax_nogroup/all@unroll2",
-                       "handwritten_grouped/all@unroll2", "lora_jax_dora/all@remat+chunk", "lora_jax_dropout/all@remat+chunk"}
+                       "handwritten_grouped/all@unroll2", "lora_jax_dora/all@remat+chunk", "lora_jax_dropout/all@remat+chunk",
+                       "lora_jax_nf4/all@remat+chunk"}
   for key, r in rows.items():
     assert "error" not in r, f"{key}: {r.get('error')}\n{r.get('traceback_tail')}"
     for field in ("step_ms", "tokens_per_s", "mfu", "model_tflop", "trainable_params", "compile_s", "trace_s", "loss_first"):
@@ -94,17 +107,80 @@ def test_train_step_json(results):
   assert max(losses) - min(losses) < 0.05 * abs(losses[0]), losses
 
 
+def test_quantized_base_rows(results):
+  """The NF4 row's base: the all-linear kernels quantized (NF4 with double quant: ~4.13 bits a
+  weight), the rest dense and of the bf16 row's size; the bf16 row names the same kernels."""
+  rows = {r["variant"]: r for r in results["train_step"]["rows"]}
+  nf4, bf16 = rows["lora_jax_nf4/all@remat+chunk"], rows["lora_jax/all@remat+chunk"]
+  assert nf4["base_format"] == "nf4" and bf16["base_format"] == "bfloat16"
+  assert nf4["qkernel_count"] == nf4["linear_count"] == bf16["linear_count"] == 7 and bf16["qkernel_count"] == 0
+  assert nf4["linear_bytes_dense"] == bf16["linear_bytes_dense"] == bf16["linear_bytes_stored"]
+  assert nf4["other_bytes"] == bf16["other_bytes"] > 0
+  assert 0.25 < nf4["linear_bytes_stored"] / nf4["linear_bytes_dense"] < 0.30
+  assert nf4["base_bytes_stored"] == nf4["linear_bytes_stored"] + nf4["other_bytes"]
+
+
+def test_streamed_quantized_init_is_what_quantize_gives(results):
+  """``train_step.init_params`` (each kernel drawn and quantized a layer at a time, so the dense
+  model never exists) gives exactly ``lora_jax.quantize(params, "all-linear", model.apply, x)``
+  of the same values drawn densely: structure, static fields and every stored array."""
+  (r,) = results["train_step:quantized_init"]["rows"]
+  assert r["format"] == "nf4" and r["same_tree"] and r["equal"] and r["arrays"] > 7, r
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_bnb_in_place_is_what_load_in_4bit_gives(results):
+  """``peft_reference.quantize_bnb_4bit`` (the model quantized in place) equals the same weights
+  saved and loaded with ``from_pretrained(..., quantization_config=BitsAndBytesConfig(
+  load_in_4bit=True, nf4, double quant, compute bf16))``: module classes, packed weights, scales."""
+  (r,) = results["peft_reference:bnb_check"]["rows"]
+  assert r["equal"], r["diffs"]
+  assert r["linear4bit_compared"] == 7 * CFG.layers and r["reference_loaded_in_4bit"]
+  assert r["bnb"]["kept"] == ["lm_head"] and r["dense_dtypes"] == ["torch.bfloat16"]
+
+
 @pytest.mark.skipif(not HAS_PEFT, reason="torch / transformers / peft not installed")
 def test_peft_reference_json(results):
   payload = results["peft_reference"]
   _check_env(payload, "peft_reference")
-  (r,) = payload["rows"]
+  rows = {x["variant"]: x for x in payload["rows"]}
+  assert set(rows) == {"dora/all@eager"} | ({"qlora/all@eager+ckpt+amp"} if HAS_BNB else set())
+  r = rows["dora/all@eager"]
   assert r["variant"] == "dora/all@eager" and r["impl"] == "peft_dora"
   assert "error" not in r, f"{r.get('error')}\n{r.get('traceback_tail')}"
   assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
   # PEFT DoRA trains what lora_jax DoRA trains: a, b and one magnitude per output feature.
   jax_dora = next(x for x in results["train_step"]["rows"] if x["variant"] == "lora_jax_dora/all@remat+chunk")
   assert r["trainable_params"] == jax_dora["trainable_params"]
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_peft_qlora_json(results):
+  rows = {x["variant"]: x for x in results["peft_reference"]["rows"]}
+  r = rows["qlora/all@eager+ckpt+amp"]
+  assert "error" not in r, f"{r.get('error')}\n{r.get('traceback_tail')}"
+  assert r["impl"] == "peft_qlora" and r["grad_ckpt"] and r["autocast_bf16"] and r["step_ms"] > 0
+  assert r["bnb"]["quant_type"] == ["nf4"] and r["bnb"]["double_quant"] == [True] and r["bnb"]["lm_head"] == "Linear torch.bfloat16"
+  # The same adapters as lora_jax's all-linear rows; the same kernels quantized as lora_jax NF4's.
+  jax_nf4 = next(x for x in results["train_step"]["rows"] if x["variant"] == "lora_jax_nf4/all@remat+chunk")
+  assert r["trainable_params"] == jax_nf4["trainable_params"]
+  assert r["linear_count"] == CFG.layers * jax_nf4["linear_count"]  # modules per layer vs stacked leaves
+  assert r["linear_bytes_dense"] == jax_nf4["linear_bytes_dense"]
+  assert r["other_bytes"] == jax_nf4["other_bytes"]
+
+
+def test_report_qlora_section(results, tmp_path):
+  """report.py renders "Quantized base (QLoRA)" from the stage's files (here the smoke run's)."""
+  from benchmarks import report
+
+  for name, key in (("qlora_train_step", "train_step"), ("qlora_peft_reference", "peft_reference"),
+                    ("qlora_profile", "profile_step")):
+    if key in results:
+      (tmp_path / f"{name}_cpu-small.json").write_text(json.dumps(results[key]))
+  text = report.main(["--config", "cpu-small", "--big-config", "cpu-small", "--results", str(tmp_path)])
+  assert "## Quantized base (QLoRA)" in text
+  assert "NF4-base / bf16-base step time" in text and "all-linear kernels" in text
+  assert "dequantize fusions in the HLO" in text
 
 
 def test_profile_json(results):
@@ -114,6 +190,11 @@ def test_profile_json(results):
   cats = dict(payload["categories_ms_per_step"])
   assert sum(cats.values()) == pytest.approx(payload["total_op_ms_per_step"], rel=0.01)
   assert payload["top_ops_ms_per_step"] or payload["top_kernels_ms_per_step"]
+  # NF4: the HLO has dequantize fusions (codes -> kernel) feeding GEMMs, matched to the trace.
+  q = payload["quantized_base"]
+  assert q["hlo_counts"]["dequant"] > 0 and q["hlo_counts"]["gemm"] > 0
+  assert q["dequant_feeding_gemm"] + q["hlo_counts"]["gemm_fused_dequant"] > 0
+  assert q["matched_share"] > 0.5 and q["ms_per_step"]["gemm"] > 0
 
 
 def test_inference_json(results):

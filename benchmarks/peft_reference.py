@@ -13,8 +13,8 @@ are counted as lora_jax's DoRA rows count them (``common.train_flops(kind="dora"
 QLoRA (key ``qlora/...``): the same random bf16 model with every linear layer but ``lm_head``
 replaced by ``bitsandbytes.nn.Linear4bit`` as ``from_pretrained(..., quantization_config=
 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-bnb_4bit_compute_dtype=torch.bfloat16))`` builds it (:func:`quantize_bnb_4bit`: transformers'
-``replace_with_bnb_linear`` with the modules ``get_keys_to_not_convert`` names, each weight
+bnb_4bit_compute_dtype=torch.bfloat16))`` builds it (:func:`quantize_bnb_4bit`:
+every ``nn.Linear`` but the output layer replaced by ``Linear4bit``, each weight
 quantized by ``Params4bit(...).to(device)`` as the loader's ``create_quantized_param`` does;
 ``model.is_loaded_in_4bit`` set, so that PEFT puts its ``lora.bnb.Linear4bit`` on them),
 embeddings, norms and ``lm_head`` bf16 (``torch_dtype=torch.bfloat16``; no
@@ -72,21 +72,28 @@ def quantize_bnb_4bit(model, device: str) -> dict[str, Any]:
   import bitsandbytes as bnb
   import torch
   import transformers
-  from transformers.integrations import bitsandbytes as hf_bnb
-
   qc = transformers.BitsAndBytesConfig(
       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
       bnb_4bit_compute_dtype=torch.bfloat16,
   )
-  keep = hf_bnb.get_keys_to_not_convert(model)  # ["lm_head"], as the loader computes it
-  dense = {n: m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-  model = hf_bnb.replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=qc)
-  for name, m in model.named_modules():
-    if isinstance(m, bnb.nn.Linear4bit):  # the loader's create_quantized_param, not pre-quantized
-      kw = dict(m.weight.__dict__)
-      kw.pop("_is_hf_initialized", None)
-      m._parameters["weight"] = bnb.nn.Params4bit(dense.pop(name), requires_grad=False, **kw).to(device)
-  del dense
+  # Every nn.Linear but the output layer becomes a Linear4bit (the loader's choice: it keeps
+  # lm_head dense), its weight quantized by Params4bit(...).to(device) as the loader's
+  # create_quantized_param does. Written out rather than through transformers' helpers
+  # (get_keys_to_not_convert / replace_with_bnb_linear), which differ between 4.x and 5.x.
+  head = model.get_output_embeddings()
+  keep = [n for n, m in model.named_modules() if m is head]
+  for name, m in list(model.named_modules()):
+    if not isinstance(m, torch.nn.Linear) or m is head:
+      continue
+    q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=torch.bfloat16,
+                          compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta")
+    q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                 blocksize=BNB_BLOCK, quant_storage=torch.uint8).to(device)
+    if m.bias is not None:
+      q.bias = torch.nn.Parameter(m.bias.data.to(device), requires_grad=False)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, q)
+    del m
   model.is_loaded_in_4bit = True
   model.config.quantization_config = qc
   if device == "cuda":

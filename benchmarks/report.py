@@ -126,6 +126,18 @@ def _verdict(got: float | None, want: float | None, how: str) -> str:
   return "meets" if ok else "MISSES"
 
 
+def _check_adder(checks: list[dict[str, Any]]):
+  """``add(what, got, want=None, how="<=", a=None, b=None, note="")``: appends one ratio row
+  (its goal, verdict, and whether rows ``a`` and ``b`` come from one run) to ``checks``."""
+
+  def add(what, got, want=None, how="<=", a=None, b=None, note=""):
+    goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
+    checks.append(dict(what=what, measured=got, target=goal, verdict=_verdict(got, want, how) + note,
+                       same_run=_same_run(a, b)))
+
+  return add
+
+
 def _same_run(a: dict | None, b: dict | None) -> str:
   if not a or not b:
     return "-"
@@ -158,11 +170,7 @@ def dora_section(train: dict | None, peft: dict | None, source: str) -> list[str
   if not tunes and not modes:
     return []
   checks: list[dict[str, Any]] = []
-
-  def add(what, got, want=None, how="<=", a=None, b=None, note=""):
-    goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
-    checks.append(dict(what=what, measured=got, target=goal, verdict=_verdict(got, want, how) + note,
-                       same_run=_same_run(a, b)))
+  add = _check_adder(checks)
 
   for tune in dict.fromkeys(tunes):
     lo = _find(trows, impl="lora_jax", targets="all", tune=tune)
@@ -249,11 +257,7 @@ def qlora_section(small: dict[str, Any], big: dict[str, Any], names: tuple[str, 
   if not (t1 or t7 or p1 or p7):
     return []
   checks: list[dict[str, Any]] = []
-
-  def add(what, got, want=None, how="<=", a=None, b=None, note=""):
-    goal = "-" if want is None else (f"<= {want}" if how == "<=" else f">= {want}")
-    checks.append(dict(what=what, measured=got, target=goal, verdict=_verdict(got, want, how) + note,
-                       same_run=_same_run(a, b)))
+  add = _check_adder(checks)
 
   n1, n7 = names
   tunes = list(dict.fromkeys(r["tune"] for r in t1 if r.get("impl") in ("lora_jax_nf4", "lora_jax_int8")))

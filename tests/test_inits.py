@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 import lora_jax
 from _util import assert_close, assert_far
+from _models import Stack, oi_apply
 from lora_jax.kinds.inits import DIGEST_PENDING, svd_lowrank
 from _hf import tiny_hf_llama
 
@@ -32,21 +33,6 @@ INITS = ("pissa", "pissa_niter_4", "olora")
 # ----------------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, h, _):
-    return jnp.tanh(nn.Dense(8, name="mlp")(h)), None
-
-
-class Stack(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-    return layers(name="layers")(x, None)[0]
-
-
-def _oi_apply(params, x):  # a torch-style (out, in) weight: x @ W.T
-  return x @ params["lin"]["weight"].T
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +41,7 @@ def _case(name):
   values from numpy: nothing compiled to make them)."""
   rng = np.random.default_rng(0)
   if name == "oi":
-    apply, x, path, layout = _oi_apply, np.ones((3, 8)), "lin/weight", "oi"
+    apply, x, path, layout = oi_apply, np.ones((3, 8)), "lin/weight", "oi"
     shapes = {"lin": {"weight": jax.ShapeDtypeStruct((6, 8), jnp.float32)}}
   else:
     model, x, path, layout = {

@@ -20,6 +20,7 @@ import pytest
 
 import lora_jax
 from _util import assert_close
+from _models import Stack, oi_apply
 from lora_jax.bases import dense as _dense
 from lora_jax.bases.quantized import quantize_kernel
 from lora_jax.kinds import loftq
@@ -99,21 +100,6 @@ def test_error_below_qlora_and_non_increasing_with_iterations(fmt):
 # ----------------------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, h, _):
-    return jnp.tanh(nn.Dense(64, name="mlp")(h)), None
-
-
-class Stack(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-    return layers(name="layers")(x, None)[0]
-
-
-def _oi_apply(params, x):  # a torch-style (out, in) weight: x @ W.T
-  return x @ params["lin"]["weight"].T
 
 
 def test_per_layer_on_a_scan_stack_and_a_torch_layout():
@@ -121,7 +107,7 @@ def test_per_layer_on_a_scan_stack_and_a_torch_layout():
   w = real_looking((3, 64, 64), seed=1)
   params = {"params": {"layers": {"mlp": {"kernel": jnp.asarray(w), "bias": jnp.zeros((3, 64))}}}}
   spec = lora_jax.LoraSpec(["mlp"], rank=4, alpha=8.0, init="loftq_iter_2")
-  base, ad = lora_jax.split(jax.random.key(0), params, spec, Stack().apply, x)
+  base, ad = lora_jax.split(jax.random.key(0), params, spec, Stack(64).apply, x)
   q, f = base["params"]["layers"]["mlp"]["kernel"], ad["params"]["layers"]["mlp"]["kernel"]
   assert (q.layout, q.axis, q.lead, f.layout, f.a.shape) == ("lio", 1, (0,), "lio", (3, 64, 4))
   for layer in range(3):
@@ -131,7 +117,7 @@ def test_per_layer_on_a_scan_stack_and_a_torch_layout():
     assert_close(_product(f)[layer], _product(a1["w"]), 1e-5)
   # A torch-style (out, in) weight: blocked along its fan-in (axis 1); the same as on W^T.
   wt = jnp.asarray(w[0].T)
-  base, ad = lora_jax.split(jax.random.key(0), {"lin": {"weight": wt}}, lora_jax.LoraSpec(["lin"], rank=4, alpha=8.0, init="loftq_iter_2"), _oi_apply, x)
+  base, ad = lora_jax.split(jax.random.key(0), {"lin": {"weight": wt}}, lora_jax.LoraSpec(["lin"], rank=4, alpha=8.0, init="loftq_iter_2"), oi_apply, x)
   q, f = base["lin"]["weight"], ad["lin"]["weight"]
   assert (q.layout, q.axis, f.layout) == ("oi", 1, "oi")
   b1, a1 = lora_jax.split(jax.random.key(0), {"w": jnp.asarray(w[0])}, lora_jax.LoraSpec("w", rank=4, alpha=8.0, init="loftq_iter_2"))
@@ -311,7 +297,7 @@ def test_refusals_name_the_cause_and_the_path():
   with pytest.raises(ValueError, match=r"'d/kernel': init='loftq_iter_2' quantizes to NF4 in blocks of 64 along the kernel's fan-in axis 0, of size 96 \(shape \(96, 16\), layout 'io'\), .* init='loftq_int8'"):
     lora_jax.split(jax.random.key(0), odd, lora_jax.LoraSpec(["d"], rank=2, init="loftq_iter_2"))
   with pytest.raises(ValueError, match=r"'lin/weight': .* fan-in axis 1, of size 96 \(shape \(16, 96\), layout 'oi'\)"):
-    lora_jax.split(jax.random.key(0), {"lin": {"weight": odd["d"]["kernel"].T}}, lora_jax.LoraSpec(["lin"], rank=2, init="loftq"), _oi_apply, jnp.ones((1, 96)))
+    lora_jax.split(jax.random.key(0), {"lin": {"weight": odd["d"]["kernel"].T}}, lora_jax.LoraSpec(["lin"], rank=2, init="loftq"), oi_apply, jnp.ones((1, 96)))
   with pytest.raises(ValueError, match=r"'d/kernel': init='loftq' divides the low-rank part by the scale alpha/r = 0.0, which must not be zero"):
     lora_jax.split(jax.random.key(0), {"d": {"kernel": w}}, lora_jax.LoraSpec(["d"], rank=2, alpha=0, init="loftq"))
   embed = nn.Embed(10, 64)

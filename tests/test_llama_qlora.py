@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import lora_jax
 from lora_jax.models import llama
@@ -98,11 +97,6 @@ def run(seed: int = 0) -> dict:
   return dict(config=config, params=params, probe=probe, adapters0=adapters0, runs=runs)
 
 
-@pytest.fixture(scope="module")
-def result():
-  return run(0)
-
-
 def _kernel_bytes(base):
   leaves = [x for x in jax.tree.leaves(base, is_leaf=is_q) if is_q(x)]
   return sum(x.nbytes for x in leaves), sum(int(np.prod(x.shape)) * 2 for x in leaves), len(leaves)
@@ -116,7 +110,7 @@ def _kernel_error(base, params):
   return max(float(np.linalg.norm(f32(d) - f32(w)) / np.linalg.norm(f32(w))) for d, w in pairs)
 
 
-def test_quantized_bases_train_like_the_bf16_base(result):
+def check_quantized_bases_train_like_the_bf16_base(result):
   runs = result["runs"]
   bf16, nf4, int8, noise = (runs[k] for k in ("bf16", "nf4", "int8", "noise"))
   # What was quantized: q, k, v, o, gate, up, down (not the embedding, lm_head or norms), at
@@ -139,7 +133,7 @@ def test_quantized_bases_train_like_the_bf16_base(result):
   assert noise["end"] > (1 + 3 * NF4_TOL) * bf16["end"], (noise["end"], bf16["end"])
 
 
-def test_wrapped_quantized_model_is_its_merged_model(result):
+def check_wrapped_quantized_model_is_its_merged_model(result):
   config, probe = result["config"], result["probe"]
   base, adapters = result["runs"]["nf4"]["base"], result["runs"]["nf4"]["adapters"]
   model = llama.LlamaForCausalLM(config)
@@ -160,3 +154,11 @@ def test_wrapped_quantized_model_is_its_merged_model(result):
   merged16 = jit(lambda b, ad: model.apply(lora_jax.merge(b, ad), probe))(base, adapters)
   assert float(jnp.max(jnp.abs(wrapped16 - merged16))) < 0.02 * scale
   assert float(jnp.mean(jnp.argmax(wrapped16, -1) == jnp.argmax(merged16, -1))) > 0.95
+
+
+def test_llama_qlora():
+  # One test, not two sharing a module fixture: pytest-xdist may send two tests to two
+  # workers, and each would pay for the whole run.
+  result = run(0)
+  check_quantized_bases_train_like_the_bf16_base(result)
+  check_wrapped_quantized_model_is_its_merged_model(result)

@@ -11,9 +11,18 @@
 3. Save the adapters, merge them into plain params, check that the unchanged model given the
    merged params computes what the wrapped model computes, and sample a continuation.
 
+With ``--quantize nf4`` (or ``int8``, or ``nf4,int8``) the run is QLoRA: after that bfloat16
+run, the frozen base's linear kernels are quantized (``lora_jax.quantize``: the attention and
+MLP projections; the embeddings and ``lm_head`` stay bfloat16, as with bitsandbytes) and the
+same adapters are trained again from the same start on the same batches on the quantized
+base, which the wrapped step dequantizes kernel by kernel inside the jit. It prints the
+base's stored bytes, the eval losses and step times next to the bfloat16 base's, and checks
+wrapped (quantized base, factored adapters) against the unchanged model on merged params.
+
 Runs on CPU in one to two minutes with the defaults:
 
     python examples/llama_finetune.py
+    python examples/llama_finetune.py --quantize nf4          # QLoRA, next to the bf16 base
     python examples/llama_finetune.py --hidden 256 --layers 6 --steps 300   # bigger
     python examples/llama_finetune.py --checkpoint ~/models/tiny-llama --seq 256
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
+import math
 import os
 import sys
 import sysconfig
@@ -134,7 +144,88 @@ def batches(tokens: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
     yield np.stack([tokens[s : s + seq] for s in starts])
 
 
-def main(argv: list[str] | None = None) -> None:
+def nf4_block_size(config: llama.LlamaConfig) -> int:
+  """QLoRA's 64 entries per scale, or the largest power of two below it that divides every
+  linear kernel's fan-in (blocks run along fan-in, so they must tile it: this example's
+  default MLP width, 352, is not a multiple of 64)."""
+  fan_ins = math.gcd(config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size)
+  block = 64
+  while fan_ins % block:
+    block //= 2
+  return block
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, lora_jax.QuantizedKernel)
+
+
+def stored_bytes(params: Any) -> int:
+  """Bytes the base takes as stored: packed codes and scales for a quantized kernel."""
+  leaves = jax.tree.leaves(params, is_leaf=is_quantized)
+  return sum(x.nbytes if is_quantized(x) else x.size * x.dtype.itemsize for x in leaves)
+
+
+def describe_quantized(qparams: Any, dense: Any) -> None:
+  """Prints what was quantized (its bytes and relative error), what was not, and the totals."""
+  flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)[0]
+  leaves = zip(flat, jax.tree.leaves(dense), jax.tree.leaves(jax.jit(lora_jax.dequantize)(qparams)))
+  rows = [(jax.tree_util.keystr(k, simple=True, separator="/"), q, w, d) for (k, q), w, d in leaves if is_quantized(q)]
+  width = max(len(r[0]) for r in rows)
+  print(f"  {'quantized kernel':<{width}}  {'shape':>14}  {'bf16 bytes':>10}  {'stored':>9}  bits/weight  error")
+  for path, q, w, d in rows:
+    w32, d32 = np.asarray(w, np.float32), np.asarray(d, np.float32)
+    print(
+        f"  {path:<{width}}  {str(q.shape):>14}  {w.nbytes:>10,}  {q.nbytes:>9,}  "
+        f"{8 * q.nbytes / w.size:>11.3f}  {np.linalg.norm(d32 - w32) / np.linalg.norm(w32):.1%}"
+    )
+  print("  (error: |dequantized - bf16| / |bf16|, Frobenius norms)")
+  kept = [jax.tree_util.keystr(k, simple=True, separator="/") for k, q in flat if not is_quantized(q)]
+  print(f"  left as they are: {', '.join(kept)}")
+  before, after = stored_bytes(dense), stored_bytes(qparams)
+  print(f"  base stored: {after / 2**20:.2f} MiB vs {before / 2**20:.2f} MiB dense ({after / before:.1%})")
+
+
+def to_float32(params: Any) -> Any:
+  """Dense leaves upcast to float32; quantized kernels kept (they dequantize to their dtype)."""
+  return jax.tree.map(lambda x: x if is_quantized(x) else x.astype(jnp.float32), params, is_leaf=is_quantized)
+
+
+def check_merged(model, config, base, adapters, probe, label: str) -> tuple[Any, dict[str, float]]:
+  """Merged params for the unchanged model, checked against the wrapped (factored) model.
+
+  First the identity itself, in float32 (the base upcast), where merged and wrapped must agree
+  to rounding; then the deployable merge in the params dtype, whose kernels are rounded to it.
+  A quantized base merges to dense kernels: the dequantized ones plus the update.
+  """
+  model32 = llama.LlamaForCausalLM(config.replace(dtype=jnp.float32, param_dtype=jnp.float32))
+  base32 = to_float32(base)
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs for this check
+    wrapped32 = jax.jit(lora_jax.wrap(model32.apply))(base32, adapters, probe)
+    # The float32 reference: dequantize to float32 first, then merge there (merge(base,
+    # adapters, dtype=float32) would round the sum to the kernel's bfloat16 first).
+    merged32 = jax.jit(lambda b, ad: model32.apply(lora_jax.merge(lora_jax.dequantize(b, jnp.float32), ad), probe))(
+        base32, adapters
+    )
+  scale = float(jnp.max(jnp.abs(merged32)))
+  err = float(jnp.max(jnp.abs(wrapped32 - merged32)))
+  print(f"{label} base, float32: merged vs wrapped logits, max |diff| {err:.1e} (max |logit| {scale:.1f})")
+  if err > 1e-4 * max(scale, 1.0):
+    sys.exit(f"{label}: merged and wrapped logits differ by {err:.3g} in float32 (max |logit| {scale:.3g})")
+
+  merged = jax.jit(lora_jax.merge)(base, adapters)
+  wrapped_logits = jax.jit(lora_jax.wrap(model.apply))(base, adapters, probe)
+  merged_logits = jax.jit(model.apply)(merged, probe)
+  diff = float(jnp.max(jnp.abs(wrapped_logits - merged_logits)))
+  agree = float(jnp.mean(jnp.argmax(wrapped_logits, -1) == jnp.argmax(merged_logits, -1)))
+  top = float(jnp.max(jnp.abs(wrapped_logits)))
+  print(
+      f"{label} base, {np.dtype(config.dtype).name}: merged vs wrapped logits, max |diff| {diff:.1e} "
+      f"(max |logit| {top:.1f}), argmax agreement {agree:.1%}"
+  )
+  return merged, {"f32_err": err, "f32_scale": scale, "diff": diff, "max_logit": top, "argmax_agree": agree}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", help="local Hugging Face Llama directory (safetensors)")
   p.add_argument("--hidden", type=int, default=128)
@@ -148,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module names")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32)
+  p.add_argument(
+      "--quantize", default="none",
+      help="'nf4', 'int8' or 'nf4,int8': also train on the base with its linear kernels quantized (QLoRA)",
+  )
+  p.add_argument("--block-size", type=int, default=None, help="entries per quantization scale (default: see nf4_block_size)")
   p.add_argument("--pretrain-steps", type=int, default=120, help="base model steps (no --checkpoint)")
   p.add_argument("--pretrain-lr", type=float, default=3e-3)
   p.add_argument("--steps", type=int, default=80, help="LoRA steps")
@@ -163,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--export-hf", action="store_true", help="also save the merged model as HF safetensors")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  formats = [] if args.quantize == "none" else args.quantize.split(",")
+  if any(f not in ("nf4", "int8") for f in formats):
+    p.error(f"--quantize {args.quantize}: expected none, nf4, int8 or nf4,int8")
 
   dtype = jnp.dtype(args.dtype)
   config = build_config(args, dtype)
@@ -186,15 +285,14 @@ def main(argv: list[str] | None = None) -> None:
 
   targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
   spec = lora_jax.LoraSpec(targets, rank=args.rank, alpha=args.alpha, layout=llama.lora_layout(config))
-  adapters = lora_jax.init(jax.random.key(args.seed + 1), params, spec)
-  print(lora_jax.count(adapters, params))
+  adapters0 = lora_jax.init(jax.random.key(args.seed + 1), params, spec)
+  print(lora_jax.count(adapters0, params))
 
   # The frozen params are an argument, never differentiated: only adapters get gradients and
-  # optimizer state.
+  # optimizer state. A quantized base is the same argument with other leaves (one more compile).
   loss_fn = lora_jax.wrap(functools.partial(model.apply, method="loss", chunk_size=args.chunk_size))
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(20, args.steps // 10 + 1), args.steps)
   tx = optax.adamw(schedule, weight_decay=0.0)
-  opt_state = tx.init(adapters)
 
   @functools.partial(jax.jit, donate_argnums=(1, 2))
   def step(params, adapters, opt_state, tokens):
@@ -208,57 +306,70 @@ def main(argv: list[str] | None = None) -> None:
     return [b for b, _ in zip(batches(tokens, args.batch, args.seq, np.random.default_rng(1234)), range(4))]
 
   val_batches, python_batches = held_out(val), held_out(python_val)
+  probe = jnp.asarray(val_batches[0][:4])
 
-  def evaluate(adapters, batches_) -> float:
-    return float(np.mean([eval_loss(params, adapters, b) for b in batches_]))
+  def evaluate(base, adapters, batches_) -> float:
+    return float(np.mean([eval_loss(base, adapters, b) for b in batches_]))
 
-  before = evaluate(adapters, val_batches), evaluate(adapters, python_batches)
-  print(f"base model loss: {target_name} {before[0]:.4f}, Python {before[1]:.4f}")
-  print(f"LoRA: training {args.steps} steps on {target_name} ({args.dtype} frozen base, float32 adapters)")
-  it = batches(train, args.batch, args.seq, np.random.default_rng(args.seed))
-  t0, seen = time.perf_counter(), 0
-  for i in range(1, args.steps + 1):
-    adapters, opt_state, loss = step(params, adapters, opt_state, next(it))
-    seen += args.batch * args.seq
-    if i == 1 or i % args.log_every == 0 or i == args.steps:
-      loss = float(loss)
-      dt = time.perf_counter() - t0
-      print(f"  LoRA step {i:4d}  loss {loss:.4f}  {seen / dt:,.0f} tok/s  ({dt:.1f}s)")
-  after = evaluate(adapters, val_batches), evaluate(adapters, python_batches)
-  print(
-      f"adapted model loss: {target_name} {before[0]:.4f} -> {after[0]:.4f}, "
-      f"Python {before[1]:.4f} -> {after[1]:.4f}"
-  )
+  def finetune(base, label: str) -> dict[str, Any]:
+    """Trains fresh adapters (the same start and batches for every base) on ``base``."""
+    adapters = jax.tree.map(jnp.copy, adapters0)  # the step donates its adapters
+    opt_state = tx.init(adapters)
+    before = evaluate(base, adapters, val_batches), evaluate(base, adapters, python_batches)
+    print(f"base model loss ({label} base): {target_name} {before[0]:.4f}, Python {before[1]:.4f}")
+    print(f"LoRA: training {args.steps} steps on {target_name} ({label} frozen base, float32 adapters)")
+    it = batches(train, args.batch, args.seq, np.random.default_rng(args.seed))
+    t0, seen = time.perf_counter(), 0
+    for i in range(1, args.steps + 1):
+      adapters, opt_state, loss = step(base, adapters, opt_state, next(it))
+      seen += args.batch * args.seq
+      if i == 1 or i % args.log_every == 0 or i == args.steps:
+        loss = float(loss)
+        dt = time.perf_counter() - t0
+        print(f"  LoRA step {i:4d}  loss {loss:.4f}  {seen / dt:,.0f} tok/s  ({dt:.1f}s)")
+      if i == 1:
+        t1 = time.perf_counter()  # step time from here on: the first step compiles
+    step_s = (time.perf_counter() - t1) / max(args.steps - 1, 1)
+    after = evaluate(base, adapters, val_batches), evaluate(base, adapters, python_batches)
+    print(
+        f"adapted model loss: {target_name} {before[0]:.4f} -> {after[0]:.4f}, "
+        f"Python {before[1]:.4f} -> {after[1]:.4f}  ({1000 * step_s:.0f} ms/step after the first)"
+    )
+    return dict(adapters=adapters, before=before, after=after, step_s=step_s, stored_bytes=stored_bytes(base))
 
+  results: dict[str, Any] = {}
+  dense_label = np.dtype(dtype).name
+  results[dense_label] = run = finetune(params, dense_label)
   where = lora_jax.save(
-      os.path.join(args.out, "adapters"), adapters, spec, {"steps": args.steps}, params=params
+      os.path.join(args.out, "adapters"), run["adapters"], spec, {"steps": args.steps}, params=params
   )
   print(f"saved adapters to {where}")
+  merged, run["merge"] = check_merged(model, config, params, run["adapters"], probe, dense_label)
 
-  # Merge: plain params for the unchanged model code. First the identity itself, in float32
-  # (the base upcast), where merged and wrapped must agree to rounding:
-  probe = jnp.asarray(val_batches[0][:4])
-  model32 = llama.LlamaForCausalLM(config.replace(dtype=jnp.float32, param_dtype=jnp.float32))
-  params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs for this check
-    wrapped32 = jax.jit(lora_jax.wrap(model32.apply))(params32, adapters, probe)
-    merged32 = jax.jit(model32.apply)(lora_jax.merge(params32, adapters), probe)
-  err = float(jnp.max(jnp.abs(wrapped32 - merged32)))
-  print(f"float32: merged vs wrapped logits, max |diff| {err:.1e}")
-  if err > 1e-3:
-    sys.exit(f"merged and wrapped logits differ by {err:.3g} in float32")
+  for fmt in formats:
+    # QLoRA: the frozen base's linear kernels stored quantized. "all-linear" whatever the LoRA
+    # targets: every attention and MLP projection; not the embedding nor lm_head.
+    block = args.block_size if args.block_size or fmt != "nf4" else nf4_block_size(config)
+    qparams = lora_jax.quantize(params, "all-linear", model.apply, probe, format=fmt, block_size=block)
+    print(f"{fmt}: quantized the frozen base's linear kernels ({fmt}, block_size={block or 'fan-in'})")
+    describe_quantized(qparams, params)
+    results[fmt] = run = finetune(qparams, fmt)
+    # Adapters trained on a quantized base are plain LoRA adapters, saved as any others.
+    where = lora_jax.save(
+        os.path.join(args.out, f"adapters_{fmt}"), run["adapters"], spec,
+        {"steps": args.steps, "base": f"{fmt}-quantized"}, params=qparams,
+    )
+    print(f"saved adapters to {where}")
+    merged, run["merge"] = check_merged(model, config, qparams, run["adapters"], probe, fmt)
 
-  # Then the deployable merge in the params dtype: the merged kernels are rounded to bfloat16,
-  # so the logits agree with the wrapped model's to bfloat16 precision, not bit for bit.
-  merged = jax.jit(lora_jax.merge)(params, adapters)
-  wrapped_logits = jax.jit(lora_jax.wrap(model.apply))(params, adapters, probe)
-  merged_logits = jax.jit(model.apply)(merged, probe)
-  diff = float(jnp.max(jnp.abs(wrapped_logits - merged_logits)))
-  agree = float(jnp.mean(jnp.argmax(wrapped_logits, -1) == jnp.argmax(merged_logits, -1)))
-  print(
-      f"{args.dtype}: merged vs wrapped logits, max |diff| {diff:.1e} "
-      f"(max |logit| {float(jnp.max(jnp.abs(wrapped_logits))):.1f}), argmax agreement {agree:.1%}"
-  )
+  if formats:
+    print(f"\n{'frozen base':<12} {'stored':>9} {'base loss':>9} {'adapted':>8} {'Python':>7} {'ms/step':>8}")
+    for label, r in results.items():
+      print(
+          f"{label:<12} {r['stored_bytes'] / 2**20:>5.2f} MiB {r['before'][0]:>9.4f} {r['after'][0]:>8.4f} "
+          f"{r['after'][1]:>7.4f} {1000 * r['step_s']:>8.0f}"
+      )
+    print(f"(eval loss on held-out {target_name}; Python: held-out stdlib source; same seed and batches)")
 
   if args.export_hf:
     out = llama.save_hf_llama(merged, config, os.path.join(args.out, "merged_hf"))
@@ -278,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     for pos in range(len(prompt), n):
       buf = buf.at[0, pos].set(next_token(buf, pos, keys[pos]))
     print(f"sample (temperature {args.temperature}):\n" + decode([int(t) for t in buf[0]]))
+  return results
 
 
 if __name__ == "__main__":

@@ -362,8 +362,11 @@ def quantize_kernel(
 
 
 def _divisor(n: int, near: int) -> int:
+  """A block size to suggest for an axis of ``n``: the largest power of two up to ``near``
+  that divides it, else the even divisor nearest ``near``."""
   divs = [d for d in range(2, n + 1) if n % d == 0 and d % 2 == 0] or [n]
-  return min(divs, key=lambda d: (abs(d - near), d))
+  pow2 = [d for d in divs if d & (d - 1) == 0 and d <= near]
+  return max(pow2) if pow2 else min(divs, key=lambda d: (abs(d - near), d))
 
 
 def check_options(format: Any, block_size: Any, double_quant: Any) -> tuple[str, int | None, bool]:

@@ -240,8 +240,7 @@ def _peft_loftq_init():
 @pytest.mark.interop
 @pytest.mark.parametrize("fmt,bits,iters", [("nf4", 4, 1), ("nf4", 4, 3), ("int8", 8, 1), ("int8", 8, 3)])
 def test_against_peft_loftq_init(fmt, bits, iters):
-  import torch
-
+  torch = pytest.importorskip("torch")
   peft_loftq = _peft_loftq_init()
   w = real_looking((256, 128), seed=3)  # (in, out); PEFT's weight is the transpose
   rank, alpha = 8, 4.0

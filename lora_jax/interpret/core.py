@@ -20,7 +20,7 @@ from jax.extend import core as jex
 from lora_jax._jaxpr import open_jaxpr, scan_counts
 from lora_jax.bases import BaseLeaf
 from lora_jax.interpret.report import Ctx
-from lora_jax.interpret.sites import CONSUMERS, DotSite, bind, fused_base_dot, grouped_first_products, rule_dot
+from lora_jax.interpret.sites import CONSUMERS, DotSite, base_product, bind, grouped_first_products, rule_dot
 from lora_jax.interpret.views import STRUCTURAL, View, drop_label, relabel_after_drop, rule_dynamic_slice
 
 Array = Any
@@ -141,18 +141,14 @@ def evaluate(ctx: Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[A
 
 def _frozen_use(eqn, invals):
   """A use of frozen base-leaf views (no adapter) by a non-structural op: a matmul or
-  convolution with one such operand computes through :meth:`View.with_base`; otherwise the
+  convolution with one such operand computes through :func:`base_product`; otherwise the
   views become their (dequantized) values. Returns the op's result, or the new invals when
   an adapted view remains for the usual rules."""
   views = [x for x in invals if isinstance(x, View)]
   name = eqn.primitive.name
   if len(views) == 1 and name in ("dot_general", "conv_general_dilated"):
-    t = views[0]
     pos = [isinstance(x, View) for x in invals].index(True)
-    fused = fused_base_dot(t, eqn, invals[1 - pos], pos == 0) if name == "dot_general" else None
-    if fused is not None:
-      return fused, None
-    return t.with_base(lambda x, w: bind(eqn, [w, x] if pos == 0 else [x, w]), invals[1 - pos]), None
+    return base_product(views[0], eqn, invals[1 - pos], pos == 0), None
   invals = [x.view_value() if isinstance(x, View) and x.frozen else x for x in invals]
   if any(isinstance(x, View) for x in invals):
     return None, invals

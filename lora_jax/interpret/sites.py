@@ -94,6 +94,17 @@ def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
   return nf4_matmul.nf4_dot(x, t.base, eqn.outvars[0].aval.dtype)
 
 
+def base_product(t: View, eqn, x: Array, t_is_lhs: bool) -> Array:
+  """The original ``dot_general`` / ``conv_general_dilated`` ``eqn`` on ``x`` and ``view(W)``:
+  the fused NF4 kernel where it applies, else :meth:`View.with_base` (a base leaf is
+  dequantized at the use)."""
+  if eqn.primitive.name == "dot_general":
+    fused = fused_base_dot(t, eqn, x, t_is_lhs)
+    if fused is not None:
+      return fused
+  return t.with_base(lambda x, w: bind(eqn, [w, x] if t_is_lhs else [x, w]), x)
+
+
 class Site:
   """Common part of the consumer sites."""
 
@@ -222,11 +233,7 @@ class DotSite(Site):
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
   def base(self, x: Array | None = None) -> Array:
-    x = self.x if x is None else x
-    fused = fused_base_dot(self.t, self.eqn, x, self.t_is_lhs)
-    if fused is not None:
-      return fused
-    return self.t.with_base(lambda x, w: self._bind_with(w, x), x)
+    return base_product(self.t, self.eqn, self.x if x is None else x, self.t_is_lhs)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     x = self.x if x is None else x
@@ -342,7 +349,7 @@ class ConvSite(Site):
         )
 
   def base(self, x: Array | None = None) -> Array:
-    return self.t.with_base(lambda x, w: self._bind_with(w, x), self.x if x is None else x)
+    return base_product(self.t, self.eqn, self.x if x is None else x, False)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     return bind(self.eqn, [self.x if x is None else x, w])

@@ -186,12 +186,16 @@ def prefix_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
 def agreement(rows: list[dict[str, Any]], tokens: dict[str, Any]) -> None:
   """Greedy-token agreement between variants that compute the same thing: ``factored`` vs
   ``merged`` (one adapter), ``mixed<C>`` vs ``loop<C>x<R>`` (the same adapter for every row), of the
-  same impl and mode; floating-point rounding differs, so a near-tie may flip a token."""
+  same impl and mode where there is one; ``<case>@lib`` vs ``<case>`` (``@auto``). Floating-point
+  rounding differs between them, so a near-tie may flip a token."""
   by = {r["variant"]: r for r in rows}
   for key, toks in tokens.items():
     impl, case, mode = parse_key(key)
     at = f"@{mode}" if mode else ""
     refs = []
+    if mode == "lib":  # the library's generate vs the benchmark's driver (lora_jax)
+      drv = f"{impl}/{case}" + ("@auto" if case.startswith("mixed") else "")
+      refs.append(("driver", [drv] if drv in tokens else []))
     if case == "factored":
       refs.append(("merged", [k for k in tokens if parse_key(k)[:2] == (impl, "merged")]))
     m = re.fullmatch(r"mixed(\d+)", case)

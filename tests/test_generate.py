@@ -31,11 +31,14 @@ def _config(scan: bool = True) -> L.LlamaConfig:
 
 @functools.lru_cache(maxsize=None)
 def _params(scan: bool = True) -> dict:
-  scanned = _config(True)
-  params = jax.jit(L.LlamaForCausalLM(scanned).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  if scan:
-    return params
-  return L.load_hf_llama(L.to_hf_llama(params, scanned), _config(False))  # the same weights, unrolled
+  """Random weights (numpy, no compile), the same for both layouts; norms away from 1."""
+  config = _config(scan)
+  rng = np.random.default_rng(0)
+  sd = {k: (rng.normal(size=s) * 0.1).astype(np.float32) for k, s in L.hf_param_shapes(config).items()}
+  for k in sd:
+    if "norm" in k:
+      sd[k] = rng.uniform(0.5, 1.5, sd[k].shape).astype(np.float32)
+  return L.load_hf_llama(sd, config)
 
 
 def _model(scan: bool = True) -> L.LlamaForCausalLM:

@@ -3,6 +3,7 @@
 from lora_jax.bases.quantized import QuantizedKernel, dequantize, quantize
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
 from lora_jax.kinds import DoraFactors, LoraFactors
+from lora_jax.kinds.bank import LoraBank, bank_ids, bank_names, replace_adapter, stack, unstack
 from lora_jax.kinds.convert import to_original_base
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
@@ -26,6 +27,8 @@ __version__ = "0.3.0"
 
 __all__ = [
     "adapter_shardings",
+    "bank_ids",
+    "bank_names",
     "AdapterFileError",
     "check_adapters",
     "count",
@@ -42,6 +45,7 @@ __all__ = [
     "load_config",
     "load_params",
     "lora_plus",
+    "LoraBank",
     "LoraCount",
     "LoraFactors",
     "LoraFallbackError",
@@ -53,17 +57,20 @@ __all__ = [
     "quantize",
     "QuantizedKernel",
     "remat_policy",
+    "replace_adapter",
     "Report",
     "save",
     "save_merged",
     "save_params",
     "shard_like",
     "split",
+    "stack",
     "Target",
     "THIN_PRODUCT_NAME",
     "to_nnx",
     "to_original_base",
     "trainable_mask",
     "unmerge",
+    "unstack",
     "wrap",
 ]

@@ -8,6 +8,9 @@ A site offers what an adapter kind needs to compute its contribution there
   plain LoRA's (``a``: roles ``'lir'``, ``b``: ``'lro'``, in the view's current labels),
   computed as two thin products; when ``a`` is the adapter's ``GROUP_LEAF`` the first product
   may come from a grouped matmul shared with other adapters reading the same input;
+  ``scale`` is a number or a vector over the rank (one weight per rank column: a bank row's
+  member mask times its scale);
+* ``rows()``: how many rows the op brings to the kernel (for a kind's cost model);
 * ``dropped(rate)``: the input with PEFT's dropout applied (``x`` itself when the call has no
   ``lora_dropout_rng`` or ``rate`` is 0); ``base(x)`` and ``low_rank(..., x=x)`` take it;
 * ``can_scale_out(labels)`` / ``scale_out(y, v, labels)``: multiply an op result by ``v``, an
@@ -173,9 +176,22 @@ class Site:
   def _factors(self, a: Array, b: Array) -> tuple[Array, Array]:
     return a.astype(self.t.dtype), b.astype(self.t.dtype)
 
-  def _scaled(self, tmp: Array, scale: Any) -> Array:
-    """The thin ``(..., r)`` product times the scale, in the op's dtype (never the full-size one)."""
+  def _scaled(self, tmp: Array, scale: Any, r_axis: int = -1) -> Array:
+    """The thin product times the scale, in the op's dtype (never the full-size one). ``scale``
+    is a number or a vector over the rank (a weight per rank column, e.g. a bank row's), which
+    lands on ``tmp``'s rank axis ``r_axis``."""
+    if np.ndim(scale) == 1:
+      shape = [1] * tmp.ndim
+      shape[r_axis] = np.shape(scale)[0]
+      scale = jnp.reshape(scale, shape)
     return (tmp * scale).astype(self.t.dtype)
+
+  def rows(self) -> int:
+    """How many rows the op brings to the kernel: the size of ``x`` over one fan-in."""
+    return max(int(np.prod(np.shape(self.x))) // max(self._fan_in_size(), 1), 1)
+
+  def _fan_in_size(self) -> int:
+    return 1
 
 
 class DotSite(Site):
@@ -242,6 +258,9 @@ class DotSite(Site):
   def map_label(self, lab):
     return self.by_label.get(lab, lab)
 
+  def _fan_in_size(self) -> int:
+    return int(np.prod([self.x.shape[k] for _, k in self.contract]))
+
   def out_labels(self) -> list[Any]:
     """The original op's output order: batch, lhs free, rhs free."""
     skip = set(self.contract) | set(self.batch)
@@ -269,7 +288,7 @@ class DotSite(Site):
       tmp, tl = self.first_given
     else:
       tmp, tl = self.first_product(f1, l1, None if given else x)
-    tmp = self._scaled(tmp, scale)
+    tmp = self._scaled(tmp, scale, tl.index("r"))
     # Leading axes left free ride along as batch axes of the second product.
     batch2 = [c for c in tl if c != "r" and c in l2]
     out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, self.precision, self.out_dtype)
@@ -350,6 +369,9 @@ class ConvSite(Site):
 
   def base(self, x: Array | None = None) -> Array:
     return base_product(self.t, self.eqn, self.x if x is None else x, False)
+
+  def _fan_in_size(self) -> int:
+    return int(self.x.shape[self.eqn.params["dimension_numbers"].lhs_spec[1]])
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     return bind(self.eqn, [self.x if x is None else x, w])

@@ -240,20 +240,34 @@ def test_one_adapter_equals_merged():
   assert_close(logits, _full(model, lora_jax.merge(params, adapters), prompts, mask)[:, -1], ORDER_RTOL)
 
 
-@pytest.mark.skipif(not hasattr(lora_jax, "stack"), reason="needs lora_jax.stack (per-row adapters)")
 def test_mixed_batch_equals_each_row_merged():
   model, params = _model(), _params()
   prompts, mask = _prompts()
   prompts, mask = np.concatenate([prompts, prompts[:1]]), np.concatenate([mask, mask[:1]])
   bank = lora_jax.stack({"first": _adapters(0), "second": _adapters(1)})
+  traces = []
+
+  def counting_apply(*args, **kwargs):
+    traces.append(kwargs.get("method"))
+    return model.apply(*args, **kwargs)
+
   ids = np.array([1, -1, 0, 0], np.int32)
-  out = G.generate(model, params, prompts, mask, N_NEW, adapters=bank, adapter_ids=ids)
+  out = G.generate(model, params, prompts, mask, N_NEW, adapters=bank, adapter_ids=ids, apply=counting_apply)
   merged = {i: lora_jax.merge(params, _adapters(i)) for i in (0, 1)}
   for row, i in enumerate(ids):
     row_params = params if i < 0 else merged[int(i)]
     alone = G.generate(model, row_params, prompts[row : row + 1], mask[row : row + 1], N_NEW)
     np.testing.assert_array_equal(out.tokens[row], alone.tokens[0], err_msg=f"row {row}, adapter {i}")
-  assert not np.array_equal(out.tokens[0], out.tokens[2])  # the two adapters differ
+  assert not np.array_equal(out.tokens[0], out.tokens[3])  # one prompt, two adapters
+  # Another pattern of ids, given by name: the same compile.
+  names = G.generate(
+      model, params, prompts, mask, N_NEW, adapters=bank, adapter_ids=["second", None, "first", "first"], apply=counting_apply
+  )
+  np.testing.assert_array_equal(names.tokens, out.tokens)
+  G.generate(model, params, prompts, mask, N_NEW, adapters=bank, adapter_ids=[-1, 0, 1, -1], apply=counting_apply)
+  assert len(traces) == 2, traces
+  with pytest.raises(ValueError, match=r"adapter_ids\[1\] = 2 is not a member of the bank \['first', 'second'\]"):
+    G.generate(model, params, prompts, mask, N_NEW, adapters=bank, adapter_ids=[0, 2, 0, 0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +343,8 @@ def test_errors():
     gen(prompts, mask, 4, adapter_ids=np.zeros(3, np.int32))
   with pytest.raises(ValueError, match=r"adapter_ids has shape \(2,\); expected \(3,\)"):
     gen(prompts, mask, 4, adapters=_adapters(), adapter_ids=np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match=r"holds no LoraBank \(make one with lora_jax.stack\)"):
+    gen(prompts, mask, 4, adapters=_adapters(), adapter_ids=np.zeros(3, np.int32))
   with pytest.raises(ValueError, match=r"bucket\(7\) = 4 is shorter than the prompts"):
     gen(prompts, mask, 4, bucket=lambda n: 4)
   with pytest.raises(TypeError, match=r"apply=3: expected a function like model.apply"):

@@ -339,7 +339,7 @@ def generate(
     max_new_tokens: int = 16,
     *,
     adapters: PyTree = None,
-    adapter_ids: Array | None = None,
+    adapter_ids: Array | Sequence[str | int | None] | None = None,
     apply: Callable[..., Any] | None = None,
     temperature: float | Array = 0.0,
     top_p: float | Array = 1.0,
@@ -366,7 +366,8 @@ def generate(
       ``bucket(P) + max_new_tokens - 1`` slots.
     adapters: ``None`` (the base); one adapter tree (``lora_jax.wrap``: factored); or a bank
       from ``lora_jax.stack`` with ``adapter_ids``.
-    adapter_ids: ``(B,)`` int: each row's adapter in the bank, ``-1`` for the base alone.
+    adapter_ids: ``(B,)`` int: each row's adapter in the bank, ``-1`` for the base alone; or
+      a list of member names (``None`` for the base), as :func:`lora_jax.bank_ids` takes.
     apply: a function to call instead of ``model.apply`` (the adapters wrap it); it is a
       static argument: pass the same function object each time, or each call recompiles.
     temperature: ``0``: greedy. Else a float or ``(B,)`` array (see :func:`sample_logits`).
@@ -432,8 +433,13 @@ def generate(
         "generate: adapter_ids given without adapters: pass a bank of adapters, "
         "adapters=lora_jax.stack({'name': adapters, ...}), with adapter_ids indexing it."
     )
-  if adapter_ids is not None and jnp.shape(adapter_ids) != (b,):
-    raise ValueError(f"generate: adapter_ids has shape {jnp.shape(adapter_ids)}; expected ({b},), one per row.")
+  if adapter_ids is not None:
+    if jnp.shape(adapter_ids) != (b,):  # (a list of names has its length as shape)
+      raise ValueError(f"generate: adapter_ids has shape {jnp.shape(adapter_ids)}; expected ({b},), one per row.")
+    if isinstance(adapter_ids, (list, tuple)) or not _is_traced(adapter_ids):
+      # names to ids, ids checked against the bank: under jit an id out of range would give NaN
+      ids = adapter_ids if isinstance(adapter_ids, (list, tuple)) else np.asarray(adapter_ids).tolist()
+      adapter_ids = lora_jax.bank_ids(adapters, ids)
   eos = jnp.reshape(jnp.asarray([] if eos_token_id is None else eos_token_id, jnp.int32), (-1,))
 
   width = p if bucket is None else int(bucket(p))

@@ -240,6 +240,15 @@ def test_one_adapter_equals_merged():
   assert_close(logits, _full(model, lora_jax.merge(params, adapters), prompts, mask)[:, -1], ORDER_RTOL)
 
 
+def test_quantized_base_with_an_adapter_equals_dequantized_merged():
+  model, params = _model(), _params()
+  prompts, mask = _prompts()
+  quantized = lora_jax.quantize(params, "all-linear", layout=L.lora_layout(model.config))
+  out = G.generate(model, quantized, prompts, mask, N_NEW, adapters=_adapters())
+  merged = lora_jax.merge(lora_jax.dequantize(quantized), _adapters())
+  np.testing.assert_array_equal(out.tokens, G.generate(model, merged, prompts, mask, N_NEW).tokens)
+
+
 def test_mixed_batch_equals_each_row_merged():
   model, params = _model(), _params()
   prompts, mask = _prompts()

@@ -20,7 +20,7 @@ prompt batch is left-padded to its bucket, so prompts of one bucket share one co
 >>> from lora_jax.models import llama
 >>> config = llama.LlamaConfig.tiny()
 >>> model = llama.LlamaForCausalLM(config)
->>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+>>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 >>> prompts = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])  # left-padded
 >>> mask = prompts != 0
 >>> out = generate(model, params, prompts, mask, max_new_tokens=4)
@@ -202,15 +202,16 @@ def prefill(
   >>> from lora_jax.models import llama
   >>> config = llama.LlamaConfig.tiny()
   >>> model = llama.LlamaForCausalLM(config)
-  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   >>> cache = llama.init_cache(config, 2, 16)
-  >>> logits, cache = prefill(model, params, jnp.ones((2, 5), jnp.int32), None, cache)
+  >>> run = jax.jit(prefill, static_argnums=0)
+  >>> logits, cache = run(model, params, jnp.ones((2, 5), jnp.int32), None, cache)
   >>> logits.shape, cache.index.tolist()
   ((2, 128), [5, 5])
   """
   run = _runner(model, apply, adapters, adapter_ids)
   if prompt_mask is None:
-    prompt_mask = jnp.ones(jnp.shape(prompts), bool)
+    prompt_mask = jnp.ones(np.shape(prompts), bool)
   return run(params, prompts, cache, prompt_mask, method=LlamaForCausalLM.extend, last_only=True)
 
 
@@ -239,11 +240,14 @@ def decode_step(
   >>> from lora_jax.models import llama
   >>> config = llama.LlamaConfig.tiny()
   >>> model = llama.LlamaForCausalLM(config)
-  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  >>> logits, cache = prefill(model, params, jnp.ones((2, 5), jnp.int32), None, llama.init_cache(config, 2, 8))
-  >>> logits, cache = decode_step(model, params, sample_logits(logits), cache)
+  >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  >>> cache = llama.init_cache(config, 2, 8)
+  >>> logits, cache = jax.jit(prefill, static_argnums=0)(model, params, jnp.ones((2, 5), jnp.int32), None, cache)
+  >>> step = jax.jit(decode_step, static_argnums=0)
+  >>> for _ in range(2):
+  ...   logits, cache = step(model, params, sample_logits(logits), cache)
   >>> logits.shape, cache.index.tolist()
-  ((2, 128), [6, 6])
+  ((2, 128), [7, 7])
   """
   run = _runner(model, apply, adapters, adapter_ids)
   tokens = jnp.asarray(tokens)[:, None]
@@ -391,7 +395,7 @@ def generate(
   >>> from lora_jax.models import llama
   >>> config = llama.LlamaConfig.tiny()
   >>> model = llama.LlamaForCausalLM(config)
-  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   >>> prompts = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
   >>> out = generate(model, params, prompts, prompts != 0, 6, temperature=0.8, top_p=0.9,
   ...                rng=jax.random.key(1))
@@ -400,14 +404,14 @@ def generate(
   """
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"generate(max_new_tokens={max_new_tokens!r}): expected an integer >= 1.")
-  if jnp.ndim(prompts) != 2:
-    raise ValueError(f"generate: prompts must be (batch, length) int, found shape {jnp.shape(prompts)}.")
-  b, p = jnp.shape(prompts)
+  if np.ndim(prompts) != 2:
+    raise ValueError(f"generate: prompts must be (batch, length) int, found shape {np.shape(prompts)}.")
+  b, p = np.shape(prompts)
   if prompt_mask is None:
     prompt_mask = np.ones((b, p), bool)
-  if jnp.shape(prompt_mask) != (b, p):
+  if np.shape(prompt_mask) != (b, p):
     raise ValueError(
-        f"generate: prompt_mask has shape {jnp.shape(prompt_mask)}, the prompts {(b, p)}; "
+        f"generate: prompt_mask has shape {np.shape(prompt_mask)}, the prompts {(b, p)}; "
         "pass one 1/0 (real/padding) entry per prompt token."
     )
   if not _is_traced(prompt_mask):
@@ -434,8 +438,8 @@ def generate(
         "adapters=lora_jax.stack({'name': adapters, ...}), with adapter_ids indexing it."
     )
   if adapter_ids is not None:
-    if jnp.shape(adapter_ids) != (b,):  # (a list of names has its length as shape)
-      raise ValueError(f"generate: adapter_ids has shape {jnp.shape(adapter_ids)}; expected ({b},), one per row.")
+    if np.shape(adapter_ids) != (b,):  # (a list of names has its length as shape)
+      raise ValueError(f"generate: adapter_ids has shape {np.shape(adapter_ids)}; expected ({b},), one per row.")
     if isinstance(adapter_ids, (list, tuple)) or not _is_traced(adapter_ids):
       # names to ids, ids checked against the bank: under jit an id out of range would give NaN
       ids = adapter_ids if isinstance(adapter_ids, (list, tuple)) else np.asarray(adapter_ids).tolist()

@@ -674,7 +674,7 @@ class LlamaForCausalLM(nn.Module):
 
     >>> config = LlamaConfig.tiny()
     >>> model = LlamaForCausalLM(config)
-    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     >>> prompt = jnp.array([[5, 6, 7]])
     >>> logits, cache = model.apply(params, prompt, init_cache(config, 1, 8), method="extend")
     >>> step, cache = model.apply(params, jnp.array([[8]]), cache, method="extend")

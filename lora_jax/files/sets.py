@@ -39,13 +39,16 @@ import re
 import shutil
 import sys
 import unicodedata
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from lora_jax.files.adapters import ADAPTERS_FILE, DIGEST_KEY, _version, load, save
 from lora_jax.files.atomic import _HOST, _pid_alive, fsync_dir, write_json
 from lora_jax.files.checks import AdapterFileError, fail, names as _names, read_json, short
 from lora_jax.files.safetensors import read_header
 from lora_jax.spec import LoraSpec
+
+if TYPE_CHECKING:  # lora_jax.interop imports lora_jax.files: imported late below
+  from lora_jax.interop import NameMapLike
 
 PyTree = Any
 
@@ -485,7 +488,7 @@ def load_set(
 def export_peft_set(
     directory: str | os.PathLike,
     named: Mapping[str, PyTree],
-    name_map: Any,
+    name_map: NameMapLike,
     *,
     default: str | None = DEFAULT,
     **options: Any,
@@ -602,7 +605,7 @@ def _peft_entries(directory: str, default: str) -> dict[str, str]:
 def import_peft_set(
     directory: str | os.PathLike,
     params: PyTree,
-    name_map: Any,
+    name_map: NameMapLike,
     *,
     default: str = DEFAULT,
     names: Sequence[str] | None = None,

@@ -47,7 +47,8 @@ def _set(params, seed=0):
 
 
 def _assert_identical(got, want):
-  fg, fw = flatten_adapters(got) if not _flat(got) else got, flatten_adapters(want) if not _flat(want) else want
+  """Same adapters, kinds and static fields; every leaf bit for bit (trees or flat dicts)."""
+  fg, fw = flatten_adapters(got), flatten_adapters(want)
   assert list(fg) == list(fw)
   for k in fw:
     assert type(fg[k]) is type(fw[k]) and fg[k].static() == fw[k].static(), k
@@ -55,10 +56,6 @@ def _assert_identical(got, want):
       y = fg[k].leaves()[leaf]
       assert y.dtype == x.dtype and y.shape == x.shape, (k, leaf)
       np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(x).view(np.uint8), err_msg=f"{k}/{leaf}")
-
-
-def _flat(tree):
-  return isinstance(tree, dict) and tree and all(lora_jax.kinds.is_adapter(v) for v in tree.values())
 
 
 def _assert_sets_identical(got, want):
@@ -248,6 +245,11 @@ def test_hostile_directories_refused(tmp_path):
     lora_jax.load_set(d, params)
   with pytest.raises(FileNotFoundError, match="There is no such directory"):
     lora_jax.load_set(tmp_path / "nothing", params)
+  # Killed between the two renames of a swap without renameat2: the set is in a temp directory.
+  left = tmp_path / f".gone.{_HOST}.{2**30}.0123abcd.tmp"
+  lora_jax.save_set(left, named, params)
+  with pytest.raises(FileNotFoundError, match=r"An interrupted save_set left .*\.gone\..*\.tmp: if it holds lora_jax_set\.json, it is a whole set; rename it"):
+    lora_jax.load_set(tmp_path / "gone", params)
 
 
 def test_failure_midway_leaves_the_old_set(tmp_path, monkeypatch):

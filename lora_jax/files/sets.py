@@ -19,8 +19,8 @@ directory (``.<name>.<host>.<pid>.<random>.tmp``), every file fsynced, and then 
 the old one in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux (elsewhere: two renames,
 the old set restored if the second fails), after which the old set is removed. A failure or a
 kill at any moment before the swap leaves the previous set as it was (and at worst a temp
-directory, removed by the next save once its writer is dead); no reader ever sees a mix of
-two sets. Because the old directory goes away, a save refuses to replace a directory that
+directory, removed by the next save once its writer is dead). A reader never gets a mix of two
+sets: :func:`load_set` checks every entry against the index it read. Because the old directory goes away, a save refuses to replace a directory that
 holds anything a set does not hold (a checkpoint, notes), naming it.
 
 Reading trusts nothing: names are checked as on saving, an index is bounded (size, number of
@@ -252,12 +252,12 @@ def _foreign(target: str, root: set[str], sub: set[str], listed: Callable[[str],
       if i >= MAX_LISTING:
         return f"{target} holds more than {MAX_LISTING} entries"
       path = os.path.join(target, e.name)
-      if e.is_file(follow_symlinks=False) and (e.name in root or _is_temp(e.name, root)):
+      if (e.is_file() or e.is_symlink()) and (e.name in root or _is_temp(e.name, root)):  # links: a hub cache's
         continue
       if not (e.is_dir(follow_symlinks=False) and name_problem(e.name) is None and listed(e.name)):
         return f"{path} exists"
       for f in os.listdir(path):
-        if not (f in sub or _is_temp(f, sub)) or not os.path.isfile(os.path.join(path, f)):
+        if not (f in sub or _is_temp(f, sub)) or os.path.isdir(os.path.join(path, f)):
           return f"{os.path.join(path, f)} exists"
   return None
 

@@ -7,6 +7,7 @@ from lora_jax.kinds.bank import LoraBank, bank_ids, bank_names, replace_adapter,
 from lora_jax.kinds.convert import to_original_base
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
+from lora_jax.files.sets import export_peft_set, import_peft_set, load_set, save_set
 from lora_jax.layout import infer_layout
 from lora_jax.optim import freeze_base, lora_plus, trainable_mask
 from lora_jax.sharding import adapter_shardings, shard_like
@@ -36,14 +37,17 @@ __all__ = [
     "DoraFactors",
     "explain",
     "export_peft",
+    "export_peft_set",
     "freeze_base",
     "from_nnx",
     "import_peft",
+    "import_peft_set",
     "infer_layout",
     "init",
     "load",
     "load_config",
     "load_params",
+    "load_set",
     "lora_plus",
     "LoraBank",
     "LoraCount",
@@ -62,6 +66,7 @@ __all__ = [
     "save",
     "save_merged",
     "save_params",
+    "save_set",
     "shard_like",
     "split",
     "stack",

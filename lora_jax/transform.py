@@ -39,6 +39,7 @@ from lora_jax.interpret.report import (
 from lora_jax.interpret.sites import THIN_PRODUCT_NAME
 from lora_jax.interpret.views import Frozen, View, frozen_layout
 from lora_jax import mixed
+from lora_jax.kinds.bank import BankRow
 
 PyTree = Any
 
@@ -69,6 +70,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   ctx = Ctx(fallback, group, rng)
+  ctx.per_example = any(isinstance(f, BankRow) for _, _, f in rows)
   inputs = [_input(path, leaf, f) for path, leaf, f in rows]
   inputs += list(jax.tree.leaves(dyn))
   outs = finalize(ctx, evaluate(ctx, closed.jaxpr, closed.consts, inputs))

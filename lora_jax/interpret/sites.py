@@ -80,14 +80,16 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
   return jnp.where(keep, x * jnp.asarray(65536.0 / (65536 - drop), x.dtype), jnp.zeros((), x.dtype))
 
 
-def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
+def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool, per_example: bool = False) -> Array | None:
   """``x @ view(W)`` through the fused NF4 kernel (:mod:`lora_jax.bases.nf4_matmul`) where it
   applies: a plain ``x @ W`` (x's last axis against the kernel's first, no batch axes, no
-  view ops) of a few rows on a GPU, 16-bit operands. None elsewhere (XLA's path)."""
+  view ops) of a few rows on a GPU, 16-bit operands. None elsewhere (XLA's path), and in a
+  mixed-adapter call (``per_example``: ``x`` is one example of a vmapped batch, and the
+  kernel mapped over the batch would read the weights once per example)."""
   from lora_jax.bases import nf4_matmul
   from lora_jax.bases.quantized import QuantizedKernel
 
-  if t.ops or t_is_lhs or not isinstance(t.base, QuantizedKernel) or x.dtype != t.dtype:
+  if per_example or t.ops or t_is_lhs or not isinstance(t.base, QuantizedKernel) or x.dtype != t.dtype:
     return None
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   if lb or rb or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -97,12 +99,12 @@ def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
   return nf4_matmul.nf4_dot(x, t.base, eqn.outvars[0].aval.dtype)
 
 
-def base_product(t: View, eqn, x: Array, t_is_lhs: bool) -> Array:
+def base_product(t: View, eqn, x: Array, t_is_lhs: bool, per_example: bool = False) -> Array:
   """The original ``dot_general`` / ``conv_general_dilated`` ``eqn`` on ``x`` and ``view(W)``:
   the fused NF4 kernel where it applies, else :meth:`View.with_base` (a base leaf is
   dequantized at the use)."""
   if eqn.primitive.name == "dot_general":
-    fused = fused_base_dot(t, eqn, x, t_is_lhs)
+    fused = fused_base_dot(t, eqn, x, t_is_lhs, per_example)
     if fused is not None:
       return fused
   return t.with_base(lambda x, w: bind(eqn, [w, x] if t_is_lhs else [x, w]), x)
@@ -249,7 +251,7 @@ class DotSite(Site):
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
   def base(self, x: Array | None = None) -> Array:
-    return base_product(self.t, self.eqn, self.x if x is None else x, self.t_is_lhs)
+    return base_product(self.t, self.eqn, self.x if x is None else x, self.t_is_lhs, self.ctx.per_example)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     x = self.x if x is None else x
@@ -368,7 +370,7 @@ class ConvSite(Site):
         )
 
   def base(self, x: Array | None = None) -> Array:
-    return base_product(self.t, self.eqn, self.x if x is None else x, False)
+    return base_product(self.t, self.eqn, self.x if x is None else x, False, self.ctx.per_example)
 
   def _fan_in_size(self) -> int:
     return int(self.x.shape[self.eqn.params["dimension_numbers"].lhs_spec[1]])

@@ -81,6 +81,9 @@ class LoraBank(Adapter):
   ranks: tuple[int, ...]
   rslora: tuple[bool, ...] = ()
   dropout: float = 0.0
+  # Each member's scale as given (a Python float), so that unstack gives it back exactly
+  # while the leaf still holds it (rounded to float32); a hot swap changes only the leaf.
+  scales: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
   @property
   def size(self) -> int:
@@ -113,6 +116,8 @@ class LoraBank(Adapter):
       s = float(np.asarray(self.scale[k]))
     except jax.errors.ConcretizationTypeError:
       raise ValueError("lora_jax.unstack needs a concrete bank (call it outside jit).") from None
+    if self.scales and np.float32(self.scales[k]) == np.float32(s):
+      s = self.scales[k]
     nl = self.layout.count("l")
     r = self.ranks[k]
     a = jnp.take(self.a, k, axis=self.a.ndim - 2)[..., :r]
@@ -297,6 +302,7 @@ def _stack_one(path: str, names: Sequence[str], fs: Sequence[Adapter | None]) ->
   return LoraBank(
       a=jnp.stack(aa, axis=-2), b=jnp.stack(bb, axis=nl), scale=jnp.asarray(scales, jnp.float32),
       layout=f0.layout, names=tuple(names), ranks=tuple(ranks), rslora=tuple(rs), dropout=f0.dropout,
+      scales=tuple(float(s) for s in scales),
   )
 
 

@@ -247,6 +247,9 @@ def test_quantized_base_with_an_adapter_equals_dequantized_merged():
   out = G.generate(model, quantized, prompts, mask, N_NEW, adapters=_adapters())
   merged = lora_jax.merge(lora_jax.dequantize(quantized), _adapters())
   np.testing.assert_array_equal(out.tokens, G.generate(model, merged, prompts, mask, N_NEW).tokens)
+  # the quantized base alone (dequantized kernel by kernel) equals the dequantized base
+  alone = G.generate(model, quantized, prompts, mask, N_NEW)
+  np.testing.assert_array_equal(alone.tokens, G.generate(model, lora_jax.dequantize(quantized), prompts, mask, N_NEW).tokens)
 
 
 def test_mixed_batch_equals_each_row_merged():

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
+from lora_jax.bases import BaseLeaf
 from lora_jax.models.llama import KVCache, LlamaForCausalLM, init_cache
 
 Array = jax.Array
@@ -167,7 +168,14 @@ def _runner(
   if adapters is not None:
     lora = _wrapped(apply, False)
     return lambda params, *args, **kw: lora(params, adapters, *args, **kw)
-  return apply
+
+  def base_alone(params, *args, **kw):
+    # A quantized base is dequantized where each kernel is used, by the wrapped call with no adapters.
+    if any(isinstance(x, BaseLeaf) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, BaseLeaf))):
+      return _wrapped(apply, False)(params, None, *args, **kw)
+    return apply(params, *args, **kw)
+
+  return base_alone
 
 
 def prefill(

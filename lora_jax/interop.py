@@ -665,7 +665,8 @@ def read_peft(directory: str | os.PathLike) -> PeftAdapter:
     subdirs = [d for d in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, d, PEFT_CONFIG))] if os.path.isdir(directory) else []
     raise FileNotFoundError(
         f"{directory}: no {PEFT_CONFIG}; not a PEFT adapter directory."
-        + (f" Named adapters found in sub-directories: {subdirs}." if subdirs else "")
+        + (f" Named adapters found in sub-directories: {subdirs}; read them all with "
+           "lora_jax.import_peft_set(dir, params, name_map)." if subdirs else "")
     )
   weights = os.path.join(directory, PEFT_WEIGHTS)
   if not os.path.exists(weights):

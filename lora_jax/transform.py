@@ -38,6 +38,8 @@ from lora_jax.interpret.report import (
 )
 from lora_jax.interpret.sites import THIN_PRODUCT_NAME
 from lora_jax.interpret.views import Frozen, View, frozen_layout
+from lora_jax import mixed
+from lora_jax.kinds.bank import BankRow
 
 PyTree = Any
 
@@ -68,6 +70,7 @@ def _trace_and_run(apply_fn, fallback, params, adapters, static, dyn, group=True
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   ctx = Ctx(fallback, group, rng)
+  ctx.per_example = any(isinstance(f, BankRow) for _, _, f in rows)
   inputs = [_input(path, leaf, f) for path, leaf, f in rows]
   inputs += list(jax.tree.leaves(dyn))
   outs = finalize(ctx, evaluate(ctx, closed.jaxpr, closed.consts, inputs))
@@ -98,7 +101,14 @@ def _is_nnx_module(fn: Any) -> bool:
 
 
 def wrap(
-    apply_fn: Callable[..., Any], *, mode: str = "factored", fallback: str = "warn", group: bool = True
+    apply_fn: Callable[..., Any],
+    *,
+    mode: str = "factored",
+    fallback: str = "warn",
+    group: bool = True,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    bank_mode: str = "auto",
 ) -> Callable[..., Any]:
   """Makes the targeted kernels of ``apply_fn`` act as ``W + scale * a @ b``.
 
@@ -124,6 +134,22 @@ def wrap(
       matmul over ``[a_1 | a_2 | ...]``, split afterwards: one pass over ``x`` instead of
       one per adapter, forward and backward. The result is the same up to float rounding of
       a different matmul shape. ``explain`` lists the groups.
+    in_axes: for mixed-adapter calls (``adapter_ids=``, below): where the example axis of each
+      positional argument after ``adapters`` lies, as for ``jax.vmap`` (an int, None for an
+      argument shared by all examples, or a tuple of those); array keyword arguments are
+      mapped at axis 0.
+    out_axes: for mixed-adapter calls: where the example axis of each output lies.
+    bank_mode: how a bank's thin products are computed in a mixed call: ``"dense"`` (one
+      masked matmul over every member, shared by the batch), ``"gather"`` (each example's
+      factors gathered, then batched matmuls) or ``"auto"`` (per use, from the bank size, the
+      batch and the rows per example). Exact in every case.
+
+  **Mixed-adapter batches.** With a bank of adapters (:func:`lora_jax.stack`) as ``adapters``,
+  ``lora_apply(params, bank, *args, adapter_ids=ids)`` runs each example with its own member:
+  ``ids`` is an int array ``(B,)`` (``-1``: the base alone; see :func:`lora_jax.bank_ids`)
+  or a list of member names. It equals running each example alone (as a batch of one) with
+  its adapter, in one call that compiles once for every pattern of ids (see
+  :mod:`lora_jax.mixed`). Under an outer ``jit`` an id out of range gives NaN for its example.
 
   >>> import flax.linen as nn
   >>> model = nn.Dense(3)
@@ -146,6 +172,10 @@ def wrap(
     raise ValueError(f"wrap(fallback={fallback!r}): expected one of {FALLBACK_MODES}.")
   if not isinstance(group, bool):
     raise TypeError(f"wrap(group={group!r}): expected True or False.")
+  if bank_mode not in mixed.BANK_MODES:
+    raise ValueError(f"wrap(bank_mode={bank_mode!r}): expected one of {mixed.BANK_MODES}.")
+  mixed.check_axes("in_axes", in_axes)
+  mixed.check_axes("out_axes", out_axes)
 
   def run(static, params, adapters, dyn, rng=None):
     if mode == "merged":
@@ -165,15 +195,14 @@ def wrap(
 
   jitted = jax.jit(run, static_argnums=0)
 
-  if _accepts_keyword(apply_fn, DROPOUT_RNG):
-    raise TypeError(
-        f"wrap({getattr(apply_fn, '__name__', apply_fn)!r}): the function takes a keyword "
-        f"argument {DROPOUT_RNG!r}, the name lora_apply reserves for the dropout rng; rename it."
-    )
+  for reserved, what in ((DROPOUT_RNG, "the dropout rng"), (ADAPTER_IDS, "the per-example adapter ids")):
+    if _accepts_keyword(apply_fn, reserved):
+      raise TypeError(
+          f"wrap({getattr(apply_fn, '__name__', apply_fn)!r}): the function takes a keyword "
+          f"argument {reserved!r}, the name lora_apply reserves for {what}; rename it."
+      )
 
-  @functools.wraps(apply_fn)
-  def lora_apply(params: PyTree, adapters: PyTree, *args: Any, lora_dropout_rng: Any = None, **kwargs: Any) -> Any:
-    rng = _check_rng(lora_dropout_rng)
+  def single(params, adapters, args, kwargs, rng):
     for path, leaf, _ in check_adapters(params, adapters):
       if not (is_dynamic(leaf) or isinstance(leaf, (BaseLeaf, bool, int, float, complex))):
         raise TypeError(
@@ -188,10 +217,33 @@ def wrap(
       return run(static, params, adapters, dyn, rng)
     return jitted(static, params, adapters, dyn, rng)
 
+  def run_mixed(static, params, adapters, dyn, ids, rng):
+    args, kwargs = join_static(static, dyn)
+    return mixed.call(single, params, adapters, args, kwargs, ids, rng, in_axes, out_axes, bank_mode)
+
+  jitted_mixed = jax.jit(run_mixed, static_argnums=0)
+
+  @functools.wraps(apply_fn)
+  def lora_apply(
+      params: PyTree, adapters: PyTree, *args: Any, lora_dropout_rng: Any = None, adapter_ids: Any = None, **kwargs: Any
+  ) -> Any:
+    rng = _check_rng(lora_dropout_rng)
+    if adapter_ids is None:
+      mixed.refuse_banks(adapters)
+      return single(params, adapters, args, kwargs, rng)
+    ids = mixed.prepare_ids(adapters, adapter_ids, kwargs)
+    static, dyn = split_static((args, kwargs))
+    try:
+      hash(static)
+    except TypeError:
+      return run_mixed(static, params, adapters, dyn, ids, rng)
+    return jitted_mixed(static, params, adapters, dyn, ids, rng)
+
   return lora_apply
 
 
 DROPOUT_RNG = "lora_dropout_rng"
+ADAPTER_IDS = "adapter_ids"
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:

@@ -27,3 +27,12 @@ def test_digits_lora():
   assert out["after_acc"] > out["frozen_acc"] + 0.3
   assert out["trainable"] < 0.1 * out["base"]
   assert out["merged_same_predictions"] and out["merged_max_logit_diff"] < 1e-4
+
+
+def test_many_adapters():
+  out = _load("many_adapters").main(pretrain_steps=150, adapt_steps=120, verbose=False)
+  assert out["upright digits"][0] > 0.9  # the base alone serves its own task
+  for task in ("rotated 90 degrees", "mirrored"):
+    right, wrong = out[task]
+    assert right > wrong + 0.3, (task, right, wrong)  # each row got its own adapter
+  assert out["max_diff_vs_alone"] <= 1e-4 * out["logit_scale"]

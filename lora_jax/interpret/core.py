@@ -139,7 +139,7 @@ def evaluate(ctx: Ctx, jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[A
   return [read(v) for v in jaxpr.outvars]
 
 
-def _frozen_use(eqn, invals):
+def _frozen_use(ctx: Ctx, eqn, invals):
   """A use of frozen base-leaf views (no adapter) by a non-structural op: a matmul or
   convolution with one such operand computes through :func:`base_product`; otherwise the
   views become their (dequantized) values. Returns the op's result, or the new invals when
@@ -148,7 +148,7 @@ def _frozen_use(eqn, invals):
   name = eqn.primitive.name
   if len(views) == 1 and name in ("dot_general", "conv_general_dilated"):
     pos = [isinstance(x, View) for x in invals].index(True)
-    return base_product(views[0], eqn, invals[1 - pos], pos == 0), None
+    return base_product(views[0], eqn, invals[1 - pos], pos == 0, ctx.per_example), None
   invals = [x.view_value() if isinstance(x, View) and x.frozen else x for x in invals]
   if any(isinstance(x, View) for x in invals):
     return None, invals
@@ -160,7 +160,7 @@ def apply_rule(ctx: Ctx, eqn, invals):
   first = invals[0]
   if name not in _HIGHER and any(isinstance(x, View) and x.frozen for x in invals):
     if not (name in VIEW_PRIMITIVES and isinstance(first, View) and not any(isinstance(x, View) for x in invals[1:])):
-      out, invals = _frozen_use(eqn, invals)
+      out, invals = _frozen_use(ctx, eqn, invals)
       if invals is None:
         return out
       first = invals[0]

@@ -114,6 +114,7 @@ class Ctx:
     self.grouped: list[list[str]] = []  # paths whose x @ a products ran as one matmul
     self.contracted: dict[str, set[str]] = {}  # path -> roles its matmuls contract ('i', 'o')
     self.gathered: set[str] = set()  # paths used as lookup tables
+    self.per_example = False  # a mixed-adapter call: the trace is one example of a vmapped batch
 
   def site_key(self, path: str) -> Any:
     """A dropout key for the next use of ``path``: the rng folded with the path, the use's

@@ -8,6 +8,9 @@ A site offers what an adapter kind needs to compute its contribution there
   plain LoRA's (``a``: roles ``'lir'``, ``b``: ``'lro'``, in the view's current labels),
   computed as two thin products; when ``a`` is the adapter's ``GROUP_LEAF`` the first product
   may come from a grouped matmul shared with other adapters reading the same input;
+  ``scale`` is a number or a vector over the rank (one weight per rank column: a bank row's
+  member mask times its scale);
+* ``rows()``: how many rows the op brings to the kernel (for a kind's cost model);
 * ``dropped(rate)``: the input with PEFT's dropout applied (``x`` itself when the call has no
   ``lora_dropout_rng`` or ``rate`` is 0); ``base(x)`` and ``low_rank(..., x=x)`` take it;
 * ``can_scale_out(labels)`` / ``scale_out(y, v, labels)``: multiply an op result by ``v``, an
@@ -77,14 +80,16 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
   return jnp.where(keep, x * jnp.asarray(65536.0 / (65536 - drop), x.dtype), jnp.zeros((), x.dtype))
 
 
-def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
+def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool, per_example: bool = False) -> Array | None:
   """``x @ view(W)`` through the fused NF4 kernel (:mod:`lora_jax.bases.nf4_matmul`) where it
   applies: a plain ``x @ W`` (x's last axis against the kernel's first, no batch axes, no
-  view ops) of a few rows on a GPU, 16-bit operands. None elsewhere (XLA's path)."""
+  view ops) of a few rows on a GPU, 16-bit operands. None elsewhere (XLA's path), and in a
+  mixed-adapter call (``per_example``: ``x`` is one example of a vmapped batch, and the
+  kernel mapped over the batch would read the weights once per example)."""
   from lora_jax.bases import nf4_matmul
   from lora_jax.bases.quantized import QuantizedKernel
 
-  if t.ops or t_is_lhs or not isinstance(t.base, QuantizedKernel) or x.dtype != t.dtype:
+  if per_example or t.ops or t_is_lhs or not isinstance(t.base, QuantizedKernel) or x.dtype != t.dtype:
     return None
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   if lb or rb or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -94,12 +99,12 @@ def fused_base_dot(t: View, eqn, x: Array, t_is_lhs: bool) -> Array | None:
   return nf4_matmul.nf4_dot(x, t.base, eqn.outvars[0].aval.dtype)
 
 
-def base_product(t: View, eqn, x: Array, t_is_lhs: bool) -> Array:
+def base_product(t: View, eqn, x: Array, t_is_lhs: bool, per_example: bool = False) -> Array:
   """The original ``dot_general`` / ``conv_general_dilated`` ``eqn`` on ``x`` and ``view(W)``:
   the fused NF4 kernel where it applies, else :meth:`View.with_base` (a base leaf is
   dequantized at the use)."""
   if eqn.primitive.name == "dot_general":
-    fused = fused_base_dot(t, eqn, x, t_is_lhs)
+    fused = fused_base_dot(t, eqn, x, t_is_lhs, per_example)
     if fused is not None:
       return fused
   return t.with_base(lambda x, w: bind(eqn, [w, x] if t_is_lhs else [x, w]), x)
@@ -173,9 +178,22 @@ class Site:
   def _factors(self, a: Array, b: Array) -> tuple[Array, Array]:
     return a.astype(self.t.dtype), b.astype(self.t.dtype)
 
-  def _scaled(self, tmp: Array, scale: Any) -> Array:
-    """The thin ``(..., r)`` product times the scale, in the op's dtype (never the full-size one)."""
+  def _scaled(self, tmp: Array, scale: Any, r_axis: int = -1) -> Array:
+    """The thin product times the scale, in the op's dtype (never the full-size one). ``scale``
+    is a number or a vector over the rank (a weight per rank column, e.g. a bank row's), which
+    lands on ``tmp``'s rank axis ``r_axis``."""
+    if np.ndim(scale) == 1:
+      shape = [1] * tmp.ndim
+      shape[r_axis] = np.shape(scale)[0]
+      scale = jnp.reshape(scale, shape)
     return (tmp * scale).astype(self.t.dtype)
+
+  def rows(self) -> int:
+    """How many rows the op brings to the kernel: the size of ``x`` over one fan-in."""
+    return max(int(np.prod(np.shape(self.x))) // max(self._fan_in_size(), 1), 1)
+
+  def _fan_in_size(self) -> int:
+    return 1
 
 
 class DotSite(Site):
@@ -233,7 +251,7 @@ class DotSite(Site):
     return [self.by_label.get(lab, "r" if lab == ("r",) else lab) for lab in pattern_labels]
 
   def base(self, x: Array | None = None) -> Array:
-    return base_product(self.t, self.eqn, self.x if x is None else x, self.t_is_lhs)
+    return base_product(self.t, self.eqn, self.x if x is None else x, self.t_is_lhs, self.ctx.per_example)
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     x = self.x if x is None else x
@@ -241,6 +259,9 @@ class DotSite(Site):
 
   def map_label(self, lab):
     return self.by_label.get(lab, lab)
+
+  def _fan_in_size(self) -> int:
+    return int(np.prod([self.x.shape[k] for _, k in self.contract]))
 
   def out_labels(self) -> list[Any]:
     """The original op's output order: batch, lhs free, rhs free."""
@@ -269,7 +290,7 @@ class DotSite(Site):
       tmp, tl = self.first_given
     else:
       tmp, tl = self.first_product(f1, l1, None if given else x)
-    tmp = self._scaled(tmp, scale)
+    tmp = self._scaled(tmp, scale, tl.index("r"))
     # Leading axes left free ride along as batch axes of the second product.
     batch2 = [c for c in tl if c != "r" and c in l2]
     out, ol = _dot_by_labels(tmp, tl, f2, l2, ["r"], batch2, self.precision, self.out_dtype)
@@ -349,7 +370,10 @@ class ConvSite(Site):
         )
 
   def base(self, x: Array | None = None) -> Array:
-    return base_product(self.t, self.eqn, self.x if x is None else x, False)
+    return base_product(self.t, self.eqn, self.x if x is None else x, False, self.ctx.per_example)
+
+  def _fan_in_size(self) -> int:
+    return int(self.x.shape[self.eqn.params["dimension_numbers"].lhs_spec[1]])
 
   def _bind_with(self, w: Array, x: Array | None = None) -> Array:
     return bind(self.eqn, [self.x if x is None else x, w])

@@ -40,7 +40,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 
 import flax.linen as nn
 import jax
@@ -382,6 +382,50 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+  """A fixed-size key/value cache for :meth:`LlamaForCausalLM.extend`; every array is batch-first.
+
+  Batch-first everywhere, so that a ``jax.vmap`` over axis 0 (one adapter per row: see
+  ``lora_jax.wrap(..., in_axes=0)``) maps every row's state with it.
+
+  Attributes:
+    k: ``(B, L, S, KV, hd)`` cached keys (after RoPE), per layer.
+    v: ``(B, L, S, KV, hd)`` cached values.
+    mask: ``(B, S)`` bool: the slot holds a real token (``False``: padding or not yet written).
+    index: ``(B,)`` int32: slots written so far, where the next token goes.
+  """
+
+  k: Array
+  v: Array
+  mask: Array
+  index: Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+  """An empty :class:`KVCache` of ``max_len`` slots per row (zeros; no slot real).
+
+  Args:
+    config: the model's config (layers, key/value heads, head size).
+    batch: rows ``B``.
+    max_len: slots ``S``: prompt (with its padding) plus the tokens to generate.
+    dtype: of ``k`` and ``v`` (default: ``config.dtype``, the compute dtype).
+
+  >>> cache = init_cache(LlamaConfig.tiny(), batch=2, max_len=16)
+  >>> cache.k.shape, cache.mask.shape, cache.index.tolist()
+  ((2, 2, 16, 2, 16), (2, 16), [0, 0])
+  """
+  if batch < 1 or max_len < 1:
+    raise ValueError(f"init_cache(batch={batch}, max_len={max_len}): expected positive integers.")
+  dtype = config.dtype if dtype is None else dtype
+  shape = (batch, config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      mask=jnp.zeros((batch, max_len), bool),
+      index=jnp.zeros((batch,), jnp.int32),
+  )
+
+
 class RMSNorm(nn.Module):
   """RMS normalisation in float32 with a learned ``scale`` (Hugging Face's ``LlamaRMSNorm``)."""
 
@@ -409,12 +453,20 @@ def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
 
 
 class LlamaAttention(nn.Module):
-  """Grouped-query self-attention with RoPE; heads flattened into plain ``nn.Dense`` kernels."""
+  """Grouped-query self-attention with RoPE; heads flattened into plain ``nn.Dense`` kernels.
+
+  With ``kv = (k_cache, v_cache, cache_mask)`` (one layer's cached keys and values
+  ``(B, S, KV, hd)`` and the ``(B, S)`` mask of the slots that hold real tokens) the queries
+  attend to the cache and, causally, to the new tokens (``mask`` marks the real ones), and the
+  new tokens' keys and values ``(B, T, KV, hd)`` are returned with the output.
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> Array:
+  def __call__(
+      self, x: Array, cos: Array, sin: Array, mask: Array | None, kv: tuple[Array, Array, Array] | None = None
+  ) -> tuple[Array, tuple[Array, Array] | None]:
     c = self.config
     b, t, _ = x.shape
     q = _dense(c, c.num_attention_heads * c.head_dim, "q_proj")(x)
@@ -423,12 +475,53 @@ class LlamaAttention(nn.Module):
     q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
     k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    if kv is not None:
+      out = _cached_attention(q, k, v, mask, *kv)
+      return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, -1)), (k, v)
     if mask is not None and c.attention_implementation == "cudnn":
       mask = jnp.broadcast_to(mask, (b, 1, t, t))  # cuDNN wants the query axis spelled out
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, implementation=c.attention_implementation
     )
-    return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, -1))
+    return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, -1)), None
+
+
+def _cached_attention(
+    q: Array, k: Array, v: Array, mask: Array, k_cache: Array, v_cache: Array, cache_mask: Array
+) -> Array:
+  """Attention of ``q`` over ``[cache | new keys]`` without concatenating the keys.
+
+  The cache is read in place (the scores of the two parts are joined, not the keys), with
+  ``jax.nn.dot_product_attention``'s XLA numerics: float32 scores and softmax, masked
+  scores at a large finite negative (a query with no valid key averages, never NaN).
+
+  Args:
+    q: ``(B, T, H, hd)``; k, v: ``(B, T, KV, hd)``; mask: ``(B, 1, 1, T)`` bool, real new tokens.
+    k_cache, v_cache: ``(B, S, KV, hd)``; cache_mask: ``(B, S)`` bool, slots holding real tokens.
+
+  Returns:
+    ``(B, T, H, hd)`` in ``q.dtype``.
+  """
+  b, t, h, d = q.shape
+  s, kvh = k_cache.shape[1], k.shape[2]
+  qg = q.reshape(b, t, kvh, h // kvh, d)
+  k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
+  f32 = jnp.float32
+  scores = jnp.concatenate(
+      [
+          jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=f32),
+          jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=f32),
+      ],
+      axis=-1,
+  ) * jnp.asarray(1.0 / math.sqrt(d), f32)
+  new_mask = mask.reshape(b, 1, 1, 1, t) & jnp.tril(jnp.ones((t, t), bool))
+  old_mask = jnp.broadcast_to(cache_mask[:, None, None, None, :], (b, 1, 1, t, s))
+  valid = jnp.concatenate([old_mask, new_mask], axis=-1)
+  scores = jnp.where(valid, scores, jnp.asarray(-0.7 * jnp.finfo(f32).max, f32))
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], v_cache, preferred_element_type=f32)
+  out = out + jnp.einsum("bkgtu,bukd->btkgd", probs[..., s:], v, preferred_element_type=f32)
+  return out.astype(q.dtype).reshape(b, t, h, d)
 
 
 class LlamaMLP(nn.Module):
@@ -445,17 +538,34 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-  """Pre-norm residual block; returns ``(hidden, None)`` so that it can be ``nn.scan``'d."""
+  """Pre-norm residual block; returns ``(hidden, new_kv)`` so that it can be ``nn.scan``'d.
+
+  ``new_kv`` is ``None`` without a cache; with ``cache`` (the whole :class:`KVCache`) and
+  ``layer`` (this layer's index into its layer axis) it is this layer's new ``(k, v)``.
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> tuple[Array, None]:
+  def __call__(
+      self,
+      x: Array,
+      cos: Array,
+      sin: Array,
+      mask: Array | None,
+      layer: Array | int | None = None,
+      cache: "KVCache | None" = None,
+  ) -> tuple[Array, tuple[Array, Array] | None]:
     c = self.config
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
-    h = x + LlamaAttention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask)
+    kv = None
+    if cache is not None:
+      pick = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, axis=1, keepdims=False)
+      kv = (pick(cache.k), pick(cache.v), cache.mask)
+    attn, new_kv = LlamaAttention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv)
+    h = x + attn
     out = h + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(h))
-    return out.astype(c.dtype), None
+    return out.astype(c.dtype), new_kv
 
 
 class LMHead(nn.Module):
@@ -483,6 +593,9 @@ class LlamaForCausalLM(nn.Module):
   - ``loss(tokens, labels=None, mask=None, *, chunk_size=None, ...)`` → mean next-token
     cross-entropy; with ``chunk_size`` the logits are formed ``chunk_size`` tokens at a time
     (see :func:`chunked_causal_lm_loss`), so ``(B, T, V)`` never exists.
+  - ``extend(tokens, cache, attention_mask=None, *, last_only=False)`` → ``(logits, cache)``:
+    incremental decoding with a :class:`KVCache` (:func:`init_cache`); prefill and decode
+    steps. :mod:`lora_jax.models.generation` builds ``generate`` on it.
 
   ``tokens`` is ``(B, T)`` int; ``positions`` defaults to ``arange(T)``; ``attention_mask``
   ``(B, T)`` marks real (1) and padding (0) keys, on top of the causal mask.
@@ -507,7 +620,9 @@ class LlamaForCausalLM(nn.Module):
           layer,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          # cos, sin, mask, the layer index (scanned), the KV cache (read whole, sliced by index)
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          out_axes=1,  # the new keys/values (B, T, ...) stack to (B, L, T, ...)
           length=c.num_hidden_layers,
           unroll=c.scan_unroll or c.num_hidden_layers,
       )(c)
@@ -529,11 +644,74 @@ class LlamaForCausalLM(nn.Module):
     mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     x = self.embed_tokens(tokens).astype(c.dtype)
     if c.scan_layers:
-      x, _ = self.layers(x, cos, sin, mask)
+      x, _ = self.layers(x, cos, sin, mask, None, None)
     else:
       for layer in self.layers:
         x, _ = layer(x, cos, sin, mask)
     return self.norm(x)
+
+  def extend(
+      self, tokens: Array, cache: "KVCache", attention_mask: Array | None = None, *, last_only: bool = False
+  ) -> tuple[Array, "KVCache"]:
+    """Runs ``T`` new tokens against a KV cache: a prefill (``T`` = prompt) or a decode step.
+
+    Each row's new tokens are written at its ``cache.index``; they attend to the cache's real
+    slots and causally to each other. A token's RoPE position is the number of real tokens
+    before it in its row (Hugging Face ``generate``'s ``cumsum(attention_mask) - 1``), so
+    padding anywhere changes nothing for the real tokens.
+
+    Args:
+      tokens: ``(B, T)`` int.
+      cache: from :func:`init_cache` or a previous call; ``cache.index + T`` must not exceed
+        its length ``S`` (not checked under ``jit``: a write past the end is clamped by XLA).
+      attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding (default: all real).
+      last_only: return only the logits of each row's last real new token, ``(B, V)``
+        (a prefill for generation never forms ``(B, T, V)``).
+
+    Returns:
+      ``(logits, new_cache)``: float32 logits ``(B, T, V)`` (or ``(B, V)``), and the cache
+      with the new keys/values written, their slots marked real or padding, ``index + T``.
+
+    >>> config = LlamaConfig.tiny()
+    >>> model = LlamaForCausalLM(config)
+    >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> prompt = jnp.array([[5, 6, 7]])
+    >>> logits, cache = model.apply(params, prompt, init_cache(config, 1, 8), method="extend")
+    >>> step, cache = model.apply(params, jnp.array([[8]]), cache, method="extend")
+    >>> full = model.apply(params, jnp.array([[5, 6, 7, 8]]))
+    >>> bool(jnp.allclose(step[:, 0], full[:, 3], atol=1e-5)), cache.index.tolist()
+    (True, [4])
+    """
+    c = self.config
+    b, t = tokens.shape
+    new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    seen = jnp.sum(cache.mask, axis=1, dtype=jnp.int32)  # real tokens before these
+    positions = jnp.maximum(seen[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    cos, sin = rope_cos_sin(positions, c)
+    mask = new_mask[:, None, None, :]
+    x = self.embed_tokens(tokens).astype(c.dtype)
+    if c.scan_layers:
+      layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+      x, (k, v) = self.layers(x, cos, sin, mask, layer_ids, cache)
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        x, (k_i, v_i) = layer(x, cos, sin, mask, i, cache)
+        ks.append(k_i)
+        vs.append(v_i)
+      k, v = jnp.stack(ks, axis=1), jnp.stack(vs, axis=1)
+    hidden = self.norm(x)
+    if last_only:
+      last = t - 1 - jnp.argmax(new_mask[:, ::-1], axis=1)
+      hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    write = lambda axis: jax.vmap(functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=axis))  # noqa: E731
+    new_cache = KVCache(
+        k=write(1)(cache.k, k.astype(cache.k.dtype), cache.index),
+        v=write(1)(cache.v, v.astype(cache.v.dtype), cache.index),
+        mask=write(0)(cache.mask, new_mask, cache.index),
+        index=cache.index + t,
+    )
+    return self.logits(hidden), new_cache
 
   def head_kernel(self) -> Array:
     """The output projection as a ``(D, V)`` kernel (``embed_tokens.T`` when tied)."""
@@ -1110,6 +1288,7 @@ __all__ = [
     "LlamaAttention",
     "LlamaConfig",
     "LlamaDecoderLayer",
+    "KVCache",
     "LlamaForCausalLM",
     "LlamaMLP",
     "LMHead",
@@ -1119,6 +1298,7 @@ __all__ = [
     "causal_lm_loss",
     "chunked_causal_lm_loss",
     "hf_param_shapes",
+    "init_cache",
     "llama_config_from_hf",
     "llama_config_to_hf",
     "load_hf_llama",

@@ -345,6 +345,121 @@ def qlora_section(small: dict[str, Any], big: dict[str, Any], names: tuple[str, 
   return out
 
 
+# Many adapters, decode (run_gpu.sh stage `decode`, issue 12): a mixed batch of N adapters at least
+# 0.8x the tokens/s of one merged adapter and 4x the sequential loop; one factored adapter at most
+# 1.05x the merged step time; a hot swap recompiles nothing.
+DECODE_TARGETS = dict(mixed_vs_merged=0.8, mixed_vs_loop=4.0, factored_step=1.05, swap_recompiles=0)
+
+
+def _decode_ref(rows: list[dict[str, Any]], impl: str, case_prefix: str, mode: str | None) -> dict[str, Any] | None:
+  """The first measured row of ``impl`` whose case starts with ``case_prefix`` (``loop``: any
+  loop), in ``mode`` where one has it, else in any mode."""
+  ok = [r for r in _ok(rows) if r.get("impl") == impl and str(r.get("case", "")).startswith(case_prefix)]
+  return next((r for r in ok if (r.get("mode") or None) == (mode or None)), None) or (ok[0] if ok else None)
+
+
+def decode_section(jax_p: dict | None, peft_p: dict | None, source: str) -> list[str]:
+  """The "Many adapters: decode" section: the issue's ratios (mixed vs merged, mixed vs the loop,
+  factored vs merged, lora_jax vs PEFT), every row, and the hot swaps."""
+  jrows = (jax_p or {}).get("rows", [])
+  prows = (peft_p or {}).get("rows", [])
+  if not jrows and not prows:
+    return []
+  checks: list[dict[str, Any]] = []
+  add = _check_adder(checks)
+  T = DECODE_TARGETS
+  jm = _decode_ref(jrows, "lora_jax", "merged", None)
+  jf = _decode_ref(jrows, "lora_jax", "factored", None)
+  jl = _decode_ref(jrows, "lora_jax", "loop", None)
+  add("lora_jax: factored / merged step time (one adapter)", _inv_ratio(jf, jm, "step_ms"), T["factored_step"], a=jf, b=jm)
+  add("(info) lora_jax: factored / merged prefill time", _inv_ratio(jf, jm, "prefill_ms"), a=jf, b=jm)
+  mixed = [r for r in _ok(jrows) if str(r.get("case", "")).startswith("mixed") and r.get("mode") != "lib"]
+  ns = sorted({r["adapters"] for r in mixed})
+  peft_modes = list(dict.fromkeys(r.get("mode") for r in _ok(prows) if str(r.get("case", "")).startswith("mixed")))
+  for n in ns:
+    for r in sorted((r for r in mixed if r["adapters"] == n), key=lambda r: BANK_ORDER.index(r["mode"]) if r["mode"] in BANK_ORDER else 9):
+      goal = r["mode"] == "auto"  # the default a user gets; the other modes are (info)
+      tag = "" if goal else "(info) "
+      used = f"{r.get('adapters_used')} in the batch"
+      add(f"{tag}lora_jax mixed{n}@{r['mode']} ({used}) / merged tokens/s", _ratio(r, jm),
+          T["mixed_vs_merged"] if goal else None, how=">=", a=r, b=jm)
+      add(f"{tag}lora_jax mixed{n}@{r['mode']} / sequential loop ({jl.get('case') if jl else 'loop'}) tokens/s", _ratio(r, jl),
+          T["mixed_vs_loop"] if goal else None, how=">=", a=r, b=jl)
+      if goal:
+        for mode in peft_modes:
+          pr = _find(prows, impl="peft", case=f"mixed{n}", mode=mode)
+          add(f"(info) lora_jax mixed{n}@auto / PEFT mixed{n}@{mode} tokens/s", _ratio(r, pr), how=">=", a=r, b=pr)
+  swaps = [r for r in _ok(jrows) if r.get("lowerings_after_swap") is not None]
+  if swaps:
+    worst = max(max(r.get("lowerings_after_swap") or 0, r.get("compiles_after_swap") or 0, r.get("traces_after_swap") or 0)
+                for r in swaps)
+    add(f"lora_jax hot swap: traces / lowerings / compiles after replace_adapter + the next call (worst of {len(swaps)} rows)",
+        worst, T["swap_recompiles"], a=swaps[0], b=swaps[-1])
+  for mode in dict.fromkeys(r.get("mode") for r in _ok(prows)):  # PEFT's own ratios, within one mode
+    pm, pf = _find(prows, impl="peft", case="merged", mode=mode), _find(prows, impl="peft", case="factored", mode=mode)
+    pl = next((r for r in _ok(prows) if r.get("mode") == mode and str(r.get("case", "")).startswith("loop")), None)
+    if pm and pf:
+      add(f"(info) PEFT {mode}: factored / merged step time", _inv_ratio(pf, pm, "step_ms"), a=pf, b=pm)
+    for r in (r for r in _ok(prows) if r.get("mode") == mode and str(r.get("case", "")).startswith("mixed")):
+      if pm:
+        add(f"(info) PEFT {mode}: {r['case']} ({r.get('adapters_used')} in the batch) / merged tokens/s", _ratio(r, pm), a=r, b=pm)
+      if pl:
+        add(f"(info) PEFT {mode}: {r['case']} / {pl['case']} tokens/s", _ratio(r, pl), a=r, b=pl)
+  rows = []
+  for fw, payload, rs in (("JAX", jax_p, jrows), ("PyTorch", peft_p, prows)):
+    for r in rs:
+      r = dict(r, **{k: v for k, v in zip(("impl", "case", "mode"), _decode_key(r.get("variant", ""))) if not r.get(k)})
+      ref = jm if fw == "JAX" else (_decode_ref(prows, "peft", "merged", r.get("mode")))
+      agree = [f"{k[len('prefix_agree_vs_'):]} {r[k]:.3f}" for k in sorted(r) if k.startswith("prefix_agree_vs_")]
+      rows.append(dict(r, framework=fw, x_merged=_ratio(r, ref) if r is not ref else None, agree=", ".join(agree) or None,
+                       status=r.get("error") or r.get("skipped") or "ok"))
+  c = (jax_p or peft_p)["config"]
+  shapes = (f"Llama, hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, MLP {c['mlp']}, "
+            f"vocab {c['vocab']}, bf16; {c.get('batch')} requests x {c.get('prompt')} prompt tokens, {c.get('new')} new tokens "
+            f"(greedy); LoRA all-linear r={c.get('rank')}, alpha {c.get('alpha')}; {c.get('weights', 'random weights')}")
+  out = [
+      "## Many adapters: decode", "",
+      f"{shapes}. From {source}. lora_jax: the benchmark's driver on the KV cache (`model.apply(..., method=\"extend\")`: "
+      "a jitted prefill, then the other tokens in one jitted `lax.scan`), adapters factored through `lora_jax.wrap` "
+      "(a bank: `wrap(..., in_axes=0, out_axes=0, bank_mode=...)` with `adapter_ids`, row i using adapter i % N); "
+      "`@lib`: the same through `lora_jax.models.generation.generate`. PEFT: `model.generate(..., adapter_names=[...], "
+      "min_new_tokens=new, do_sample=False)` on transformers' `LlamaForCausalLM` (SDPA), eager (dynamic cache) or "
+      "`compile` (static cache, transformers' torch.compile of the decode step). `ms / step`: one decode step of the "
+      "whole batch, (total - prefill) / (new - 1); `prefill ms`: the prompt and the first token; tokens/s: all "
+      "generated tokens over the whole call. The loop: sequential calls, one adapter each, summed. Peak: the "
+      "variant's own process.", "",
+      md_table(checks, [("what", "ratio", ""), ("measured", "measured", ".3f"), ("target", "goal", ""),
+                        ("verdict", "verdict", ""), ("same_run", "same run", "")]), "",
+      md_table(rows, [("framework", "framework", ""), ("variant", "variant", ""), ("adapters_used", "adapters in batch", "d"),
+                      ("calls", "calls", "d"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "ms / step", ".2f"),
+                      ("prefill_ms", "prefill ms", ".1f"), ("total_ms", "total ms", ",.0f"), ("x_merged", "x merged tokens/s", ".3f"),
+                      ("peak_gib", "peak GiB", ".2f"), ("agree", "greedy tokens agree", ""), ("iters", "timed calls", "d"),
+                      ("status", "status", "")]), "",
+  ]
+  if swaps:
+    out += ["Hot swap (`lora_jax.replace_adapter` of one member of the live bank, new weights, same shapes; then the "
+            "next prefill + decode): `swap ms` eager, `jit ms` jitted with the bank donated; traces / lowerings / compiles "
+            "counted by `jax.monitoring` over the jitted swap and the next call; the swapped member's rows should "
+            "change, every other row's tokens stay bitwise equal.", "",
+            md_table(swaps, [("variant", "variant", ""), ("swap_ms", "swap ms", ".2f"), ("swap_jit_ms", "jit ms", ".2f"),
+                             ("traces_after_swap", "traces", "d"), ("lowerings_after_swap", "lowerings", "d"),
+                             ("compiles_after_swap", "compiles", "d"), ("swapped_rows_changed", "swapped rows changed", ".2f"),
+                             ("other_rows_equal", "other rows equal", ""), ("peak_after_swap_gib", "peak after GiB", ".2f")]), ""]
+  errs = [r for r in rows if r.get("error")]
+  if errs:
+    out += ["Decode-run errors, as recorded:", ""] + [f"- `{r.get('variant')}`: {r['error']}" for r in errs] + [""]
+  return out
+
+
+BANK_ORDER = ("auto", "dense", "gather", "lib")
+
+
+def _decode_key(key: str) -> tuple[str, str, str]:
+  rest, _, mode = key.partition("@")
+  impl, _, case = rest.partition("/")
+  return impl, case, mode
+
+
 def _shapes_line(name: str, part: dict[str, Any]) -> str:
   c = ((part.get("train") or part.get("peft")) or {}).get("config")
   if not c:
@@ -485,6 +600,10 @@ def main(argv: list[str] | None = None) -> str:
   for name, payload in (("dora_train_step", dora_train), ("dora_peft_reference", dora_peft)):
     if payload:
       parts.append(f"- **{name}**: {_env_line(payload)}")
+  for name in ("decode", "peft_decode"):
+    payload = _load(res, name, args.config)
+    if payload:
+      parts.append(f"- **{name}**: {_env_line(payload)}")
   for name in ("qlora_train_step", "qlora_peft_reference"):
     for cfg_name in dict.fromkeys((args.config, args.big_config)):
       payload = _load(res, name, cfg_name)
@@ -550,6 +669,9 @@ def main(argv: list[str] | None = None) -> str:
   qtext = qlora_section(qfiles["small"], qfiles["big"], (args.config, args.big_config))
   if qtext:
     parts += qtext
+  dec, pdec = _load(res, "decode", args.config), _load(res, "peft_decode", args.config)
+  if dec or pdec:  # run_gpu.sh stage `decode`
+    parts += decode_section(dec, pdec, f"`decode_{args.config}.json` and `peft_decode_{args.config}.json` (run_gpu.sh stage `decode`)")
   profile = _load(res, "profile", args.config)
   if profile:
     parts += profile_section(profile)

@@ -24,6 +24,15 @@
 #     dequantize fusions vs GEMMs). Caps (s): QLORA_TRAIN_BUDGET=170 (1.1B JAX), QLORA_BIG_BUDGET=130
 #     (7B JAX), QLORA_PEFT_BUDGET=80 (1.1B PEFT); the 7B PEFT run gets what is left. bitsandbytes is
 #     not in the device image: its wheel must be in .whl/ (see "Extras" below).
+#   decode: many adapters, decode throughput (issue 12), one run (~9 min with BUDGET_S=570), each variant in
+#     its own process: lora_jax (benchmarks/decode.py: base, merged, factored, mixed banks of N adapters per
+#     bank mode, the sequential loop, the library's generate; hot swap in every mixed row) into
+#     $RES/decode_$CONFIG.json, then PEFT (benchmarks/peft_decode.py: factored, merged, mixed adapter_names,
+#     the loop; eager, then static cache + compile) into $RES/peft_decode_$CONFIG.json. DECODE_JAX_BUDGET=300
+#     caps the lora_jax half, PEFT gets the rest; DECODE_PARTS="jax peft" picks the halves; DECODE_VARIANTS /
+#     PEFT_DECODE_VARIANTS replace the lists, DECODE_ONLY / PEFT_DECODE_ONLY filter them (globs);
+#     DECODE_ARGS adds arguments to both scripts (e.g. "--batch 64 --prompt 128 --new 128 --adapters 8,32,128");
+#     DECODE_ISOLATE=0 runs the lora_jax variants in one process (faster; peak memory then process-wide).
 # Environment (all optional):
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama  RES=/tmp/bench_results (the JSON files)
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
@@ -187,6 +196,29 @@ for stage in "${stages[@]}"; do
           --append --variants "${QLORA_PEFT_EXTRA_VARIANTS:-qlora/all@compile+ckpt+amp}"
       else
         echo "== qlora: PEFT compile skipped: time budget"
+      fi ;;
+    decode)  # many adapters: decode throughput; its own JSON files (report.py: "Many adapters: decode")
+      parts=" ${DECODE_PARTS:-jax peft} "
+      if [[ "${DECODE_ISOLATE:-1}" == 1 ]]; then iso=--isolate; else iso=--inprocess; fi
+      if [[ "$parts" == *" jax "* ]]; then
+        want=${DECODE_JAX_BUDGET:-300}
+        [[ "$parts" == *" peft "* ]] || want=$(( $(left) - 15 ))
+        end=$(stage_budget "$want")
+        timeout $((end + 30)) $PY benchmarks/decode.py --config "$CONFIG" --out "$RES/decode_$CONFIG.json" \
+          $iso --end-s "$end" --min-start-s 25 --timeout-s 150 $APPEND_FLAG ${DECODE_ARGS:-} \
+          ${DECODE_VARIANTS:+--variants "$DECODE_VARIANTS"} ${DECODE_ONLY:+--only "$DECODE_ONLY"}
+        echo "== decode: lora_jax half exited $? at +$((SECONDS - start))s, $(left)s left"
+        pack
+      fi
+      if [[ "$parts" == *" peft "* ]]; then
+        end=$(( $(left) - 15 ))
+        if (( end > 40 )); then
+          timeout $((end + 10)) $PY benchmarks/peft_decode.py --config "$CONFIG" --out "$RES/peft_decode_$CONFIG.json" \
+            --isolate --end-s "$end" --min-start-s 30 --timeout-s 240 $APPEND_FLAG ${DECODE_ARGS:-} \
+            ${PEFT_DECODE_VARIANTS:+--variants "$PEFT_DECODE_VARIANTS"} ${PEFT_DECODE_ONLY:+--only "$PEFT_DECODE_ONLY"}
+        else
+          echo "== decode: PEFT half skipped: time budget"
+        fi
       fi ;;
     inference)
       b=$(stage_budget "${INFER_BUDGET:-70}")

@@ -24,7 +24,8 @@ Each mixed row also hot-swaps one member of the live bank (``lora_jax.replace_ad
 weights, same shapes) and calls again: ``swap_ms`` (eager call), ``swap_jit_ms`` (the same
 jitted, the bank donated: in place), ``lowerings_after_swap`` / ``compiles_after_swap`` /
 ``traces_after_swap`` (``jax.monitoring`` events during the jitted swap and the next prefill and
-decode: 0 = no recompile), ``swapped_rows_changed`` (share of the swapped member's rows whose
+decode: 0 = no recompile; ``compile_counter_control`` counts a new function's, which must not be
+0), ``swapped_rows_changed`` (share of the swapped member's rows whose
 tokens changed) and ``other_rows_equal`` (every other row's tokens bitwise unchanged).
 
 Generation is a minimal greedy driver on the model's KV cache (``llama.init_cache``,
@@ -297,12 +298,19 @@ def _hot_swap(row, driver, params, bank, ids, prompts, mask, make, tokens_before
   swap = jax.jit(lambda b, a: lora_jax.replace_adapter(b, name, a), donate_argnums=0)
   live = jax.block_until_ready(swap(bank, new1))  # compiles the swap; the old bank is donated
   counter = CompileCounter.get()
+  counter.start()  # a positive control: a new function must show up as a trace and a lowering
+  jax.block_until_ready(jax.jit(lambda x: x * 3 + len(names))(np.zeros(3, np.float32)))
+  control = counter.stop()
+  row["compile_counter_control"] = control
   counter.start()
   t0 = time.perf_counter()
   live = jax.block_until_ready(swap(live, new2))
   row["swap_jit_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
   after, _, _ = driver.run(params, live, ids, prompts, mask)
   counts = counter.stop()
+  if not (control["traces"] and control["lowerings"]):  # the events were renamed: the counts mean nothing
+    counts = dict.fromkeys(counts)
+    row["compile_counter_error"] = f"jax.monitoring gave no trace / lowering events for a new function: {control}"
   row.update({f"{what}_after_swap": v for what, v in counts.items()})
   mine = np.asarray(ids) == k
   changed = np.any(after != tokens_before, axis=1)

@@ -5,7 +5,8 @@ only where torch, transformers and peft are installed, DoRA eager only, and PEFT
 bitsandbytes is), with the smallest settings; the GPU numbers themselves come from
 ``benchmarks/run_gpu.sh``. The QLoRA pieces are also checked against the APIs they stand in for:
 the layer-by-layer quantized base against ``lora_jax.quantize``, the in-place bitsandbytes model
-against ``from_pretrained(..., load_in_4bit=True)``.
+against ``from_pretrained(..., load_in_4bit=True)``. The decode benchmarks check their own
+invariants: factored == merged and mixed == loop greedy tokens, and no recompile after a hot swap.
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ RUNS = {
     # The layer-by-layer quantized base is lora_jax.quantize's (NF4 with double quantization:
     # per-layer second-level scales; int8 takes the same path).
     "train_step:quantized_init": ["--check-quantized-init", "nf4"],
+    # Decoding with many adapters: one adapter merged and factored, a mixed batch (with its hot
+    # swap) and the sequential loop it replaces; three new tokens, one timed call each.
+    "decode": ["--variants", "lora_jax/merged,lora_jax/factored,lora_jax/mixed2@auto,lora_jax/loop2x4", "--new", "3",
+               "--iters", "1"],
 }
+DECODE_PEFT = ["peft/merged@eager", "peft/factored@eager", "peft/mixed2@eager", "peft/loop2x4@eager"]
 HAS_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
 HAS_BNB = HAS_PEFT and importlib.util.find_spec("bitsandbytes") is not None
 if HAS_PEFT:  # eager only: torch.compile takes minutes on a CPU
   RUNS["peft_reference"] = ["--variants", "dora/all@eager" + (",qlora/all@eager+ckpt+amp" if HAS_BNB else ""),
                             "--warmup", "0", "--iters", "2"]
+  RUNS["peft_decode"] = ["--variants", ",".join(DECODE_PEFT), "--new", "3", "--iters", "1"]
 if HAS_BNB:  # the in-place bitsandbytes model is from_pretrained(load_in_4bit=True)'s
   RUNS["peft_reference:bnb_check"] = ["--check-bnb"]
 
@@ -219,3 +226,55 @@ def test_overheads_json(results):
   for what in ("forward loss: bare model", "forward loss: wrap (factored)"):
     assert "error" not in rows[what] and rows[what]["trace_s"] > 0 and rows[what]["compile_s"] > 0
   assert payload["lora_params"] > 0
+
+
+def _decode_rows(payload, benchmark, keys):
+  _check_env(payload, benchmark)
+  c = payload["config"]
+  assert (c["batch"], c["prompt"], c["new"], c["rank"]) == (8, 16, 3, 16) and c["loop"] == [2, 4]
+  rows = {r["variant"]: r for r in payload["rows"]}
+  assert set(rows) == set(keys)
+  for key, r in rows.items():
+    assert "error" not in r, f"{key}: {r.get('error')}\n{r.get('traceback_tail')}"
+    assert r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 and r["total_ms"] >= r["prefill_ms"] and r["iters"] == 1
+    assert r["step_ms"] is not None
+  assert rows[keys[2]]["adapters_used"] == 2 and rows[keys[3]]["calls"] == 2 and rows[keys[3]]["rows_per_call"] == 4
+  # One adapter factored gives the merged model's greedy tokens, the mixed batch the loop's
+  # (each row with the same adapter), up to bf16 near-ties.
+  assert rows[keys[1]]["prefix_agree_vs_merged"] > 0.5
+  assert rows[keys[2]]["prefix_agree_vs_loop"] > 0.5
+  return rows
+
+
+def test_decode_json(results):
+  rows = _decode_rows(results["decode"], "decode", RUNS["decode"][1].split(","))
+  mixed = rows["lora_jax/mixed2@auto"]
+  assert mixed["bank_mode"] == "auto" and mixed["adapter_bytes"] > rows["lora_jax/factored"]["adapter_bytes"]
+  # The hot swap: replace_adapter on the live bank, then the next call, compiles nothing; only
+  # the swapped member's rows change.
+  assert (mixed["traces_after_swap"], mixed["lowerings_after_swap"], mixed["compiles_after_swap"]) == (0, 0, 0)
+  assert mixed["compile_counter_control"]["traces"] > 0 and mixed["compile_counter_control"]["lowerings"] > 0
+  assert mixed["other_rows_equal"] is True and mixed["swapped_rows_changed"] > 0
+  assert mixed["swap_ms"] > 0 and mixed["swap_jit_ms"] > 0
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="torch / transformers / peft not installed")
+def test_peft_decode_json(results):
+  rows = _decode_rows(results["peft_decode"], "peft_decode", DECODE_PEFT)
+  assert {r["attention"] for r in rows.values()} == {"sdpa"} and {r["cache"] for r in rows.values()} == {"dynamic"}
+  assert rows["peft/factored@eager"]["adapter_dtype"] == "torch.float32"  # PEFT's default for a bf16 base
+
+
+def test_report_decode_section(results, tmp_path):
+  """report.py renders "Many adapters: decode" from the stage's files (here the smoke run's)."""
+  from benchmarks import report
+
+  for name in ("decode", "peft_decode"):
+    if name in results:
+      (tmp_path / f"{name}_cpu-small.json").write_text(json.dumps(results[name]))
+  text = report.main(["--config", "cpu-small", "--results", str(tmp_path)])
+  assert "## Many adapters: decode" in text
+  assert "lora_jax: factored / merged step time" in text and "mixed2@auto (2 in the batch) / merged tokens/s" in text
+  assert "sequential loop (loop2x4)" in text and "hot swap" in text
+  if "peft_decode" in results:
+    assert "lora_jax mixed2@auto / PEFT mixed2@eager tokens/s" in text

@@ -190,6 +190,8 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
       if out.shape[1] != shape.new:
         raise AssertionError(f"generated {out.shape[1]} tokens, expected {shape.new}")
       tokens[rows] = out.cpu()
+    # Whether transformers did compile the decode step (it skips it off CUDA, or when its criteria fail).
+    row["compiled_forward"] = any(getattr(m, "_compiled_call", None) is not None for m in model.modules())
     _, prefills, _ = timed(1, args.variant_s / 4)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     row.update(dc.decode_record(shape, totals, prefills, peak))

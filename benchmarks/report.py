@@ -413,8 +413,13 @@ def decode_section(jax_p: dict | None, peft_p: dict | None, source: str) -> list
       r = dict(r, **{k: v for k, v in zip(("impl", "case", "mode"), _decode_key(r.get("variant", ""))) if not r.get(k)})
       ref = jm if fw == "JAX" else (_decode_ref(prows, "peft", "merged", r.get("mode")))
       agree = [f"{k[len('prefix_agree_vs_'):]} {r[k]:.3f}" for k in sorted(r) if k.startswith("prefix_agree_vs_")]
-      rows.append(dict(r, framework=fw, x_merged=_ratio(r, ref) if r is not ref else None, agree=", ".join(agree) or None,
-                       status=r.get("error") or r.get("skipped") or "ok"))
+      if fw == "JAX":
+        how = "library generate" if r.get("mode") == "lib" else "driver"
+        how += f", bank {r['bank_mode']}" if r.get("bank_mode") else ""
+      else:
+        how = f"{r.get('attention') or '?'}, {r.get('cache') or '?'} cache" + (", compiled" if r.get("compiled_forward") else "")
+      rows.append(dict(r, framework=fw, how=how, x_merged=_ratio(r, ref) if r is not ref else None,
+                       agree=", ".join(agree) or None, status=r.get("error") or r.get("skipped") or "ok"))
   c = (jax_p or peft_p)["config"]
   shapes = (f"Llama, hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, MLP {c['mlp']}, "
             f"vocab {c['vocab']}, bf16; {c.get('batch')} requests x {c.get('prompt')} prompt tokens, {c.get('new')} new tokens "
@@ -432,7 +437,8 @@ def decode_section(jax_p: dict | None, peft_p: dict | None, source: str) -> list
       "variant's own process.", "",
       md_table(checks, [("what", "ratio", ""), ("measured", "measured", ".3f"), ("target", "goal", ""),
                         ("verdict", "verdict", ""), ("same_run", "same run", "")]), "",
-      md_table(rows, [("framework", "framework", ""), ("variant", "variant", ""), ("adapters_used", "adapters in batch", "d"),
+      md_table(rows, [("framework", "framework", ""), ("variant", "variant", ""), ("how", "how", ""),
+                      ("adapters_used", "adapters in batch", "d"),
                       ("calls", "calls", "d"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "ms / step", ".2f"),
                       ("prefill_ms", "prefill ms", ".1f"), ("total_ms", "total ms", ",.0f"), ("x_merged", "x merged tokens/s", ".3f"),
                       ("peak_gib", "peak GiB", ".2f"), ("agree", "greedy tokens agree", ""), ("iters", "timed calls", "d"),

@@ -4,6 +4,7 @@ from lora_jax.bases.quantized import QuantizedKernel, dequantize, quantize
 from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, split, unmerge
 from lora_jax.kinds import DoraFactors, LoraFactors
 from lora_jax.kinds.convert import to_original_base
+from lora_jax.combine import combine
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
 from lora_jax.layout import infer_layout
@@ -28,6 +29,7 @@ __all__ = [
     "adapter_shardings",
     "AdapterFileError",
     "check_adapters",
+    "combine",
     "count",
     "dequantize",
     "DoraFactors",

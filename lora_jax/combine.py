@@ -17,8 +17,10 @@ the factors viewed as matrices: ``a`` as ``(layers, fan_in, r)``, ``b`` as
 
 from __future__ import annotations
 
+import functools
+import numbers
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,7 @@ def _check_options(combination_type, density, majority_sign_method, rank, svd_cl
   if ct in _NEEDS_DENSITY:
     if density is None:
       raise ValueError(f"combine: combination_type {ct!r} needs density (the fraction of values kept, in (0, 1]), e.g. density=0.5.")
-    if isinstance(density, jax.core.Tracer) or not 0 < float(density) <= 1:
+    if not isinstance(density, numbers.Real) or not 0 < float(density) <= 1:
       raise ValueError(f"combine: density must be a Python float in (0, 1], got {density!r}.")
   elif density is not None:
     raise ValueError(
@@ -61,8 +63,8 @@ def _check_options(combination_type, density, majority_sign_method, rank, svd_cl
   if ct in SVD_TYPES:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1):
       raise ValueError(f"combine: rank must be a positive int, got {rank!r}.")
-    if svd_clamp is not None and not isinstance(svd_clamp, jax.core.Tracer) and not 0 <= float(svd_clamp) <= 1:
-      raise ValueError(f"combine: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}.")
+    if svd_clamp is not None and (not isinstance(svd_clamp, numbers.Real) or not 0 <= float(svd_clamp) <= 1):
+      raise ValueError(f"combine: svd_clamp is a quantile in [0, 1] (a Python float), got {svd_clamp!r}.")
   else:
     for name, v in (("rank", rank), ("svd_clamp", svd_clamp)):
       if v is not None:
@@ -105,7 +107,7 @@ def _disjoint(t: Array, w: Array, method: str) -> Array:
   return jnp.sum(_weighted(t, w) * keep, axis=0) / jnp.maximum(jnp.sum(keep, axis=0), 1).astype(t.dtype)
 
 
-def _merge(ct: str, t: Array, w: Array, density: float | None, method: str, masks: Callable[[], Array]) -> Array:
+def _merge(ct: str, t: Array, w: Array, density: float | None, method: str, masks: Array | None) -> Array:
   """``ct``'s merge (without a trailing ``_svd``) of the stacked ``t`` weighted by ``w``."""
   ct = ct.removesuffix("_svd")
   if ct in ("linear", "svd"):
@@ -114,20 +116,26 @@ def _merge(ct: str, t: Array, w: Array, density: float | None, method: str, mask
     return jnp.sum(_weighted(_magnitude_prune(t, density), w), axis=0)
   if ct == "ties":
     return _disjoint(_magnitude_prune(t, density), w, method)
-  pruned = _random_prune(t, density, masks())
+  pruned = _random_prune(t, density, masks)
   if ct == "dare_linear":
     return jnp.sum(_weighted(pruned, w), axis=0)
   return _disjoint(pruned, w, method)  # dare_ties
 
 
-def keep_mask(key: Array, path: str, index: int, role: str, shape: tuple[int, ...], density: float) -> Array:
-  """The DARE keep mask (1 keeps) of adapter ``index`` at ``path`` for ``role`` ``'a'``,
-  ``'b'`` or ``'delta'``, shaped ``(layers, x, y)``: Bernoulli(``density``) from ``key``
-  folded with the path's CRC-32, the adapter's position and the role, so a path's masks do not
-  depend on the rest of the tree."""
-  k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-  k = jax.random.fold_in(jax.random.fold_in(k, index), ("a", "b", "delta").index(role))
-  return jax.random.bernoulli(k, density, shape)
+def path_id(path: str) -> int:
+  """The number a path's DARE masks are keyed by: its CRC-32 (31 bits)."""
+  return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def keep_mask(key: Array, path: str | int, index: Any, size: int, density: float) -> Array:
+  """The DARE keep mask (True keeps) that :func:`combine` draws for the adapter at position
+  ``index`` of its list, at ``path`` (or its :func:`path_id`): ``size`` Bernoulli(``density``)
+  draws from ``key`` folded with the path's id and ``index``, so a kernel's masks do not depend
+  on the rest of the tree. With the factors viewed as matrices ``(layers, fan_in, r)`` and
+  ``(layers, r, fan_out)``, the first entries mask ``a``, the next ``b`` (the factor types); or
+  the whole mask is the ``(layers, fan_in, fan_out)`` delta's (the ``*_svd`` types)."""
+  pid = path_id(path) if isinstance(path, str) else path
+  return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, pid), index), density, (size,))
 
 
 # ===================================================================================== SVD
@@ -212,50 +220,59 @@ def _check_kernel(path: str, present: list[tuple[str, LoraFactors]], ct: str) ->
       )
 
 
-def _combine_kernel(path, present, weights, ct, *, rank, density, method, clamp, key) -> LoraFactors:
+def _combine_kernel(path: str, present: list[tuple[int, LoraFactors]], weights: Array, key: Array | None, ct: str, **options) -> LoraFactors:
+  """The combination of the adapters ``present`` (their positions in the caller's list and
+  factors) of the kernel at ``path``."""
   f0 = present[0][1]
-  nl, ni = f0.layout.count("l"), f0.layout.count("i")
-  lead, fan_in, fan_out = f0.a.shape[:nl], f0.a.shape[nl:-1], f0.b.shape[nl + 1 :]
-  nL, nI, nO = (int(np.prod(s)) for s in (lead, fan_in, fan_out))
-  a_dtype = jnp.result_type(*(f.a for _, f in present))
-  b_dtype = jnp.result_type(*(f.b for _, f in present))
-  acc = jnp.promote_types(jnp.promote_types(a_dtype, b_dtype), jnp.float32)
-  a3 = [f.a.astype(acc).reshape(nL, nI, f.rank) for _, f in present]
-  b3 = [f.b.astype(acc).reshape(nL, f.rank, nO) for _, f in present]
-  w = jnp.stack([jnp.asarray(weights[i], acc) for i, _ in enumerate(present)])
-  ws = w * jnp.asarray([f.scale for _, f in present], acc)
-  index = [i for i, _ in present]  # position in the caller's list: keys the DARE masks
+  a, b = _combine_arrays(
+      [f.a for _, f in present], [f.b for _, f in present], jnp.asarray([f.scale for _, f in present], jnp.float32),
+      weights, jnp.asarray([i for i, _ in present], jnp.int32), jnp.uint32(path_id(path)), key,
+      nl=f0.layout.count("l"), ct=ct, **options,
+  )
+  return LoraFactors(a=a, b=b, scale=1.0, layout=f0.layout, dropout=f0.dropout, base_digest=f0.base_digest)
 
-  def masks(role, shape):
-    return lambda: jnp.stack([keep_mask(key, path, i, role, shape, density) for i in index]).astype(acc)
+
+# Compiled per kernel shape and options, so kernels of one shape (the layers of an unstacked
+# model) share one compilation: op-by-op dispatch of the small QRs, SVDs and top-ks would
+# compile each op, and one program for the whole tree would grow with the model.
+@functools.partial(jax.jit, static_argnames=("nl", "ct", "rank", "density", "method", "clamp"))
+def _combine_arrays(a_list, b_list, scales, weights, index, pid, key, *, nl, ct, rank, density, method, clamp):
+  lead, fan_in, fan_out = a_list[0].shape[:nl], a_list[0].shape[nl:-1], b_list[0].shape[nl + 1 :]
+  nL, nI, nO = (int(np.prod(s)) for s in (lead, fan_in, fan_out))
+  a_dtype, b_dtype = jnp.result_type(*a_list), jnp.result_type(*b_list)
+  acc = jnp.promote_types(jnp.promote_types(a_dtype, b_dtype), jnp.float32)
+  a3 = [x.astype(acc).reshape(nL, nI, -1) for x in a_list]
+  b3 = [x.astype(acc).reshape(nL, -1, nO) for x in b_list]
+  w = weights[index].astype(acc)
+  ws = w * scales.astype(acc)
+
+  def masks(*shapes):  # one draw per kernel (random bits are slow to compile on CPU)
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    drawn = jax.vmap(lambda i: keep_mask(key, pid, i, sum(sizes), density))(index).astype(acc)
+    parts = jnp.split(drawn, np.cumsum(sizes)[:-1], axis=1)
+    return [x.reshape(-1, *sh) for x, sh in zip(parts, shapes)]
 
   if ct == "cat":
     a = jnp.concatenate([x * ws[j] for j, x in enumerate(a3)], axis=-1)
     b = jnp.concatenate(b3, axis=1)
   elif ct in FACTOR_TYPES:
     root = jnp.sqrt(jnp.abs(ws))
-    a = _merge(ct, jnp.stack(a3), jnp.where(ws >= 0, 1, -1).astype(acc) * root, density, method, masks("a", a3[0].shape))
-    b = _merge(ct, jnp.stack(b3), root, density, method, masks("b", b3[0].shape))
+    mask_a, mask_b = masks(a3[0].shape, b3[0].shape) if ct in _RANDOM and density < 1 else (None, None)
+    a = _merge(ct, jnp.stack(a3), jnp.where(ws >= 0, 1, -1).astype(acc) * root, density, method, mask_a)
+    b = _merge(ct, jnp.stack(b3), root, density, method, mask_b)
   else:
-    new_rank = rank if rank is not None else max(f.rank for _, f in present)
+    new_rank = rank if rank is not None else max(x.shape[-1] for x in a3)
     if ct == "svd":
       a_cat = jnp.concatenate([x * ws[j] for j, x in enumerate(a3)], axis=-1)
       a, b = _svd_of_factors(a_cat, jnp.concatenate(b3, axis=1), new_rank, clamp)
     else:
-      scales = jnp.asarray([f.scale for _, f in present], acc)
-      deltas = jnp.stack([s * jnp.matmul(x, y, precision=_HI) for s, x, y in zip(scales, a3, b3)])
-      d = _merge(ct, deltas, w, density, method, masks("delta", (nL, nI, nO)))
+      deltas = jnp.stack([scales[j].astype(acc) * jnp.matmul(x, y, precision=_HI) for j, (x, y) in enumerate(zip(a3, b3))])
+      mask = masks((nL, nI, nO))[0] if ct in _RANDOM and density < 1 else None
+      d = _merge(ct, deltas, w, density, method, mask)
       u, s, vh = jnp.linalg.svd(d, full_matrices=False)
       a, b = _truncate(u, s, vh, new_rank, clamp)
   r = a.shape[-1]
-  return LoraFactors(
-      a=a.reshape(*lead, *fan_in, r).astype(a_dtype),
-      b=b.reshape(*lead, r, *fan_out).astype(b_dtype),
-      scale=1.0,
-      layout=f0.layout,
-      dropout=f0.dropout,
-      base_digest=f0.base_digest,
-  )
+  return a.reshape(*lead, *fan_in, r).astype(a_dtype), b.reshape(*lead, r, *fan_out).astype(b_dtype)
 
 
 # ===================================================================================== API
@@ -379,27 +396,25 @@ def combine(
           f"combine: {labels[0]} and {label} have different tree structures ({where}); adapters must "
           "mirror the same params (None where a kernel is not adapted)."
       )
-  out = []
+  jobs, factors = [], []  # per adapted kernel: (path, positions of the adapters present), their factors
   for j, (path, _) in enumerate(flats[0][0]):
     name = path_str(path)
-    present = []
-    for i, (label, (flat, _)) in enumerate(zip(labels, flats)):
-      x = flat[j][1]
-      if x is not None:
-        present.append((i, label, x))
-    if not present:
-      out.append(None)
-      continue
-    _check_kernel(name, [(lab, x) for _, lab, x in present], combination_type)
-    out.append(
-        _combine_kernel(
-            name, [(i, x) for i, _, x in present], [weights[i] for i, _, _ in present], combination_type,
-            rank=rank, density=density, method=majority_sign_method, clamp=svd_clamp, key=key,
-        )
-    )
-  if all(x is None for x in out):
+    present = [(i, label, flat[j][1]) for i, (label, (flat, _)) in enumerate(zip(labels, flats)) if flat[j][1] is not None]
+    if present:
+      _check_kernel(name, [(lab, x) for _, lab, x in present], combination_type)
+      jobs.append((j, name, tuple(i for i, _, _ in present)))
+      factors.append(tuple(x for _, _, x in present))
+  if not jobs:
     raise ValueError("combine: none of the trees holds an adapter.")
+  w = jnp.asarray(weights)
+  w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+  options = dict(
+      rank=None if rank is None else int(rank), density=None if density is None else float(density),
+      method=majority_sign_method, clamp=None if svd_clamp is None else float(svd_clamp),
+  )
+  out = [None] * len(flats[0][0])
+  for (j, name, idx), fs in zip(jobs, factors):
+    out[j] = _combine_kernel(name, list(zip(idx, fs)), w, key, combination_type, **options)
   return jtu.tree_unflatten(treedef, out)
 
-
-__all__ = ["COMBINATION_TYPES", "combine", "keep_mask"]
+__all__ = ["COMBINATION_TYPES", "combine", "keep_mask", "path_id"]

@@ -211,7 +211,8 @@ def _check_kernel(path: str, present: list[tuple[str, LoraFactors]], ct: str) ->
       raise ValueError(
           f"combine: at {path!r}, {l0} and {label} were made for different base kernels (base_digest "
           f"{f0.base_digest!r} vs {f.base_digest!r}: a PiSSA/OLoRA init replaced the kernel), so their "
-          "deltas do not add; convert them first with lora_jax.to_original_base."
+          "deltas do not add; convert each to plain LoRA on the original base first with "
+          "lora_jax.to_original_base(adapters, initial_adapters)."
       )
     if ct in FACTOR_TYPES and f.rank != f0.rank:
       raise ValueError(
@@ -296,6 +297,11 @@ def combine(
   adapter at each path). Where only some adapters adapt a kernel, the others count as zero
   there, as in PEFT (which skips them). Jittable with the options static; ``weights`` and
   ``key`` may be traced.
+
+  Adapters of a base-changing init (PiSSA, OLoRA) combine only with adapters of the same base
+  (``base_digest``), and their deltas include the initial principal part ``s * a0 @ b0``: with
+  weights that do not sum to 1 that part is rescaled too. To combine only what training
+  changed, convert each with :func:`lora_jax.to_original_base` first.
 
   ``combination_type``:
 

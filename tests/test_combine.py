@@ -20,9 +20,9 @@ from lora_jax.combine import keep_mask
 from lora_jax.kinds import factor_shapes
 from _util import assert_close, assert_far
 
-SHAPES = {"q": (12, 10), "fc": (10, 6), "stack": (3, 8, 5)}
+SHAPES = {"q": (12, 10), "stack": (3, 8, 5)}
 # PEFT module -> (our path, layer of the stacked kernel or None)
-MODULES = {"q": ("q", None), "fc": ("fc", None), **{f"stack.{l}": ("stack", l) for l in range(3)}}
+MODULES = {"q": ("q", None), **{f"stack.{l}": ("stack", l) for l in range(3)}}
 WEIGHTS = [0.7, -0.4, 1.3]
 EQUAL = dict(ranks=(4, 4, 4), alphas=(8, 4, 6))
 MIXED = dict(ranks=(2, 4, 3), alphas=(4, 4, 9))
@@ -181,16 +181,16 @@ def test_matches_peft(torch_peft, ct, cfg, kw):
 def test_cat_and_svd_match_peft_with_partial_coverage(torch_peft):
   """An adapter that leaves a kernel out counts as zero there (PEFT skips it; its 'cat' pads
   the rank with zeros to the sum of all ranks, ours concatenates the ranks present)."""
-  missing = {(1, "fc"), (0, "stack")}
+  missing = {(1, "q"), (0, "stack")}
   trees = make_adapters(**MIXED, seed=2, missing=missing)
   model = peft_model(torch_peft, trees, **MIXED)
   for ct, kw in (("cat", {}), ("svd", {"rank": 2}), ("ties_svd", {"density": 0.5, "rank": 2})):
     want = peft_combine(model, ct, ct, WEIGHTS, 3, **{("svd_rank" if k == "rank" else k): v for k, v in kw.items()})
     ours = combine(trees, WEIGHTS, ct, **kw)
     ours_vs_peft(ours, want, RTOL_SVD if ct != "cat" else RTOL)
-  assert ours["fc"]["kernel"].rank == 2
+  assert ours["q"]["kernel"].rank == 2
   ours = combine(trees, WEIGHTS, "cat")
-  assert (ours["fc"]["kernel"].rank, ours["stack"]["kernel"].rank, ours["q"]["kernel"].rank) == (5, 7, 9)
+  assert (ours["q"]["kernel"].rank, ours["stack"]["kernel"].rank) == (5, 7)
 
 
 def _masked_random_pruning(registry, density_seen):
@@ -290,6 +290,35 @@ def test_layouts_beyond_io():
     assert_close(full.delta(), want, RTOL_SVD)
 
 
+def _largest_intermediate(jaxpr) -> int:
+  """The largest array any equation of ``jaxpr`` (or of a jaxpr nested in it) produces."""
+  best = 0
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          best = max(best, _largest_intermediate(sub))
+  return best
+
+
+def test_svd_never_forms_the_dense_delta():
+  """'svd' works from QR of the factors: nothing of fan_in x fan_out is formed (the pruning
+  *_svd types must form it: they prune its entries)."""
+  rng = np.random.default_rng(15)
+  trees = [
+      {"k": LoraFactors(a=jnp.asarray(rng.standard_normal((64, r)), jnp.float32),
+                        b=jnp.asarray(rng.standard_normal((r, 48)), jnp.float32), scale=1.0, layout="io")}
+      for r in (4, 6)
+  ]
+  svd = jax.make_jaxpr(lambda t: combine(t, WEIGHTS[:2], "svd", rank=3))(trees)
+  assert _largest_intermediate(svd.jaxpr) < 64 * 48 // 4
+  ties = jax.make_jaxpr(lambda t: combine(t, WEIGHTS[:2], "ties_svd", rank=3, density=0.5))(trees)
+  assert _largest_intermediate(ties.jaxpr) >= 64 * 48  # the walk does see inside the computation
+
+
 def test_rank_above_the_sums_rank_pads_with_zeros():
   trees = make_adapters(ranks=(1, 1), alphas=(1, 1), seed=7)
   f = combine(trees, WEIGHTS[:2], "svd", rank=4)["q"]["kernel"]
@@ -301,8 +330,8 @@ def test_rank_above_the_sums_rank_pads_with_zeros():
 def test_single_adapter_svd_truncates():
   """PEFT turns any combination of one adapter into 'linear'; ours does what was asked."""
   (tree,) = make_adapters(ranks=(4,), alphas=(8,), seed=8)
-  f = combine([tree], [2.0], "svd", rank=2)["fc"]["kernel"]
-  assert_close(delta64(f), truncate64(2.0 * delta64(tree["fc"]["kernel"]), 2), RTOL_SVD)
+  f = combine([tree], [2.0], "svd", rank=2)["q"]["kernel"]
+  assert_close(delta64(f), truncate64(2.0 * delta64(tree["q"]["kernel"]), 2), RTOL_SVD)
 
 
 def test_svd_clamp_is_peft_s_formula(torch_peft):
@@ -355,7 +384,7 @@ def test_density_one_prunes_nothing():
   lin = combine(trees, WEIGHTS, "linear")
   for ct in ("magnitude_prune", "dare_linear"):
     got = combine(trees, WEIGHTS, ct, density=1.0, key=jax.random.key(0))
-    np.testing.assert_array_equal(got["fc"]["kernel"].a, lin["fc"]["kernel"].a)
+    np.testing.assert_array_equal(got["q"]["kernel"].a, lin["q"]["kernel"].a)
 
 
 @pytest.mark.parametrize("ct, kw", [("svd", {"rank": 3}), ("ties_svd", {"density": 0.5}), ("dare_ties", {"density": 0.5})])
@@ -398,7 +427,7 @@ def test_keeps_dtype_dropout_and_digest():
           t, is_leaf=lambda x: isinstance(x, LoraFactors),
       ) for t in trees
   ]
-  f = combine(trees, WEIGHTS, "svd")["fc"]["kernel"]
+  f = combine(trees, WEIGHTS, "svd")["q"]["kernel"]
   assert (f.a.dtype, f.b.dtype, f.dropout, f.base_digest, f.rank) == (jnp.bfloat16, jnp.float32, 0.1, "d1", 4)
 
 

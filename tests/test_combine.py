@@ -241,6 +241,12 @@ def test_dare_matches_peft_on_our_masks(torch_peft, monkeypatch, ct):
   ours = combine(trees, WEIGHTS, ct, key=key, **kw)
   worst = ours_vs_peft(ours, want, RTOL_SVD if ct.endswith("svd") else RTOL)
   print(f"{ct}: max |ours - PEFT| / max|PEFT| = {worst:.2g}")
+  if not ct.endswith("svd"):
+    for m, (p, layer) in MODULES.items():
+      a, b, _ = peft_factors(model, ct, m)
+      got_a, got_b = matrices(ours[p]["kernel"], layer)
+      assert_close(got_a, a, RTOL, err_msg=m)
+      assert_close(got_b, b, RTOL, err_msg=m)
 
 
 def test_peft_rslora_scale_differs():

@@ -51,7 +51,9 @@ def _check_options(combination_type, density, majority_sign_method, rank, svd_cl
   ct = combination_type
   if ct in _NEEDS_DENSITY:
     if density is None:
-      raise ValueError(f"combine: combination_type {ct!r} needs density (the fraction of values kept, in (0, 1]), e.g. density=0.5.")
+      raise ValueError(
+          f"combine: combination_type {ct!r} needs density (the fraction of values kept, in (0, 1]), e.g. density=0.5."
+      )
     if not isinstance(density, numbers.Real) or not 0 < float(density) <= 1:
       raise ValueError(f"combine: density must be a Python float in (0, 1], got {density!r}.")
   elif density is not None:
@@ -221,12 +223,14 @@ def _check_kernel(path: str, present: list[tuple[str, LoraFactors]], ct: str) ->
       )
 
 
-def _combine_kernel(path: str, present: list[tuple[int, LoraFactors]], weights: Array, key: Array | None, ct: str, **options) -> LoraFactors:
+def _combine_kernel(
+    path: str, present: list[tuple[int, LoraFactors]], weights: Array, key: Array | None, ct: str, **options: Any
+) -> LoraFactors:
   """The combination of the adapters ``present`` (their positions in the caller's list and
   factors) of the kernel at ``path``."""
   f0 = present[0][1]
   a, b = _combine_arrays(
-      [f.a for _, f in present], [f.b for _, f in present], jnp.asarray([f.scale for _, f in present], jnp.float32),
+      [f.a for _, f in present], [f.b for _, f in present], jnp.asarray([float(f.scale) for _, f in present]),
       weights, jnp.asarray([i for i, _ in present], jnp.int32), jnp.uint32(path_id(path)), key,
       nl=f0.layout.count("l"), ct=ct, **options,
   )
@@ -375,7 +379,10 @@ def combine(
     labels, trees = [f"adapters[{k!r}]" for k in adapters], list(adapters.values())
     if isinstance(weights, Mapping):
       if set(weights) != set(adapters):
-        raise ValueError(f"combine: weights name {sorted(map(str, weights))}, the adapters {sorted(map(str, adapters))}; give one weight per adapter.")
+        raise ValueError(
+            f"combine: weights name {sorted(map(str, weights))}, the adapters {sorted(map(str, adapters))}; "
+            "give one weight per adapter."
+        )
       weights = [weights[k] for k in adapters]
   else:
     if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):

@@ -7,7 +7,6 @@ one (3 layers). On the PEFT side each kernel is an ``nn.Linear`` (the stack is t
 ``get_delta_weight`` of the new adapter.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -446,22 +445,22 @@ def _lora(shape=(4, 3), r=2, lay="io", **kw):
 
 
 @pytest.mark.parametrize(
-    "args, kw, match",
+    "kw, match",
     [
-        ((), {"combination_type": "sum"}, r"unknown combination_type 'sum'; expected one of cat, linear"),
-        ((), {"combination_type": "ties"}, r"'ties' needs density \(the fraction of values kept"),
-        ((), {"combination_type": "ties", "density": 0.0}, r"density must be a Python float in \(0, 1\], got 0.0"),
-        ((), {"combination_type": "dare_linear", "density": 1.5, "key": 0}, r"density must .* got 1.5"),
-        ((), {"combination_type": "svd", "density": 0.5}, r"density is used by .*, not by 'svd'; leave it out"),
-        ((), {"combination_type": "linear", "rank": 2}, r"rank is for the SVD types .* not 'linear' \('cat' gives the sum"),
-        ((), {"combination_type": "cat", "svd_clamp": 0.9}, r"svd_clamp is for the SVD types"),
-        ((), {"combination_type": "svd", "rank": 0}, r"rank must be a positive int, got 0"),
-        ((), {"combination_type": "svd", "svd_clamp": 1.5}, r"svd_clamp is a quantile in \[0, 1\] \(a Python float\), got 1.5"),
-        ((), {"combination_type": "dare_ties", "density": 0.5}, r"'dare_ties' drops values at random and needs key="),
-        ((), {"combination_type": "ties", "density": 0.5, "majority_sign_method": "sum"}, r"majority_sign_method must be 'total' or 'frequency', got 'sum'"),
+        ({"combination_type": "sum"}, r"unknown combination_type 'sum'; expected one of cat, linear"),
+        ({"combination_type": "ties"}, r"'ties' needs density \(the fraction of values kept"),
+        ({"combination_type": "ties", "density": 0.0}, r"density must be a Python float in \(0, 1\], got 0.0"),
+        ({"combination_type": "dare_linear", "density": 1.5, "key": 0}, r"density must .* got 1.5"),
+        ({"combination_type": "svd", "density": 0.5}, r"density is used by .*, not by 'svd'; leave it out"),
+        ({"combination_type": "linear", "rank": 2}, r"rank is for the SVD types .* not 'linear' \('cat' gives the sum"),
+        ({"combination_type": "cat", "svd_clamp": 0.9}, r"svd_clamp is for the SVD types"),
+        ({"combination_type": "svd", "rank": 0}, r"rank must be a positive int, got 0"),
+        ({"combination_type": "svd", "svd_clamp": 1.5}, r"svd_clamp is a quantile in \[0, 1\] \(a Python float\), got 1.5"),
+        ({"combination_type": "dare_ties", "density": 0.5}, r"'dare_ties' drops values at random and needs key="),
+        ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "sum"}, r"majority_sign_method must be 'total' or 'frequency', got 'sum'"),
     ],
 )
-def test_option_errors(args, kw, match):
+def test_option_errors(kw, match):
   t = {"d": _lora()}
   with pytest.raises(ValueError, match=match):
     combine([t, t], [1.0, 1.0], **kw)

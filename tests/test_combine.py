@@ -15,7 +15,7 @@ import pytest
 
 import lora_jax
 from lora_jax import DoraFactors, LoraFactors, combine
-from lora_jax.combine import keep_mask
+from lora_jax.combination import keep_mask
 from lora_jax.kinds import factor_shapes
 from _util import assert_close, assert_far
 

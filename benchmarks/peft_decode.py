@@ -18,8 +18,10 @@ unless the mode says ``eagerattn``) at the same shapes as ``decode.py``'s Llama,
 Modes (after ``@``, joined by ``+``): ``eager`` (the dynamic KV cache, no compile); ``static``
 (``cache_implementation="static"``, ``disable_compile=True``); ``compile`` (the static cache and
 transformers' own compile of the decode step: ``generate`` compiles the forward with
-``torch.compile(mode="reduce-overhead")`` on CUDA when the cache is static); ``eagerattn``:
-``attn_implementation="eager"`` instead of SDPA. A variant that fails (e.g. ``adapter_names``
+``torch.compile(mode="reduce-overhead")`` on CUDA when the cache is static; ``compiled_forward``
+records whether it did); ``eagerattn``: ``attn_implementation="eager"`` instead of SDPA;
+``bf16ad``: bf16 adapter weights (``autocast_adapter_dtype=False``; PEFT's default keeps them in
+float32 and runs the LoRA matmuls in float32). A variant that fails (e.g. ``adapter_names``
 under compile) records its error, not numbers.
 
 Every call is ``model.generate(input_ids, attention_mask, max_new_tokens=new,
@@ -50,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks import decode_common as dc  # noqa: E402
 
-MODES = ("eager", "static", "compile", "eagerattn")
+MODES = ("eager", "static", "compile", "eagerattn", "bf16ad")
 
 
 def plan(adapters: list[int], loop: tuple[int, int]) -> list[str]:
@@ -76,16 +78,18 @@ def build_model(cfg: common.BenchConfig, device: str, attn: str):
   return model
 
 
-def add_adapters(model, n: int, rank: int, seed: int = 0):
+def add_adapters(model, n: int, rank: int, seed: int = 0, autocast: bool = True):
   """``model`` with ``n`` LoRA adapters ``a0 .. a{n-1}`` (all-linear), each ``lora_B`` drawn at
-  random (``0.02 * N(0, 1)``, as ``decode.py`` draws ``b``): a non-zero update."""
+  random (``0.02 * N(0, 1)``, as ``decode.py`` draws ``b``): a non-zero update. ``autocast``:
+  PEFT's ``autocast_adapter_dtype`` (float32 adapters on a bf16 base)."""
   import peft
   import torch
 
   lc = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", bias="none")
-  model = peft.get_peft_model(model, lc, adapter_name="a0")
+  kw = {} if autocast else dict(autocast_adapter_dtype=False)
+  model = peft.get_peft_model(model, lc, adapter_name="a0", **kw)
   for k in range(1, n):
-    model.add_adapter(f"a{k}", lc)
+    model.add_adapter(f"a{k}", lc, **kw)
   g = torch.Generator(device=model.device).manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -105,7 +109,7 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
     if impl != "peft":
       raise ValueError(f"{key}: expected impl 'peft'")
     if not flags <= set(MODES) or len(flags & {"eager", "static", "compile"}) != 1:
-      raise ValueError(f"{key}: mode {mode!r}: one of eager / static / compile, optionally +eagerattn")
+      raise ValueError(f"{key}: mode {mode!r}: one of eager / static / compile, optionally +eagerattn, +bf16ad")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     attn = "eager" if "eagerattn" in flags else "sdpa"
@@ -117,7 +121,7 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
     model = build_model(cfg, device, attn)
     n_ad = row["adapters"]
     if case != "base":
-      model = add_adapters(model, n_ad, shape.rank)
+      model = add_adapters(model, n_ad, shape.rank, autocast="bf16ad" not in flags)
       row["adapter_dtype"] = str(next(p.dtype for n, p in model.named_parameters() if "lora_A" in n))
       row["adapter_params_each"] = sum(p.numel() for n, p in model.named_parameters() if ".lora_A.a0." in n or ".lora_B.a0." in n)
     if case == "merged":

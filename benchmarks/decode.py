@@ -16,6 +16,8 @@ adapter changes the output), in these variants (keys ``lora_jax/<case>[@<bank mo
 - ``<case>@lib``: the same through the library's ``lora_jax.models.generation.generate``
   instead of the benchmark's driver (below): its tokens must equal the driver's
   (``prefix_agree_vs_driver``); its prefill is timed as a call with one new token;
+- ``...+bf16`` (e.g. ``mixed128@auto+bf16``, ``factored@bf16``): the adapters' factors in bf16
+  instead of ``lora_jax.init``'s float32 (a bank read per step is half the bytes);
 - ``loop<C>x<R>``: the naive loop, ``C`` sequential calls of ``R`` requests with one factored
   adapter per call (call ``j`` holds the rows ``i % C == j``, the rows ``mixed<C>`` gives adapter
   ``j``: the tokens must agree, ``prefix_agree_vs_loop``).
@@ -67,7 +69,9 @@ def plan(adapters: list[int], loop: tuple[int, int]) -> list[str]:
   keys = ["lora_jax/merged", "lora_jax/factored", *[f"lora_jax/mixed{n}@auto" for n in adapters], f"lora_jax/loop{c}x{r}"]
   keys += [f"lora_jax/mixed{n}@{m}" for m in BANK_MODES[1:] for n in adapters]
   mid = adapters[len(adapters) // 2] if adapters else None
-  return keys + ["lora_jax/base", "lora_jax/factored@lib"] + ([f"lora_jax/mixed{mid}@lib"] if mid else [])
+  big = max(adapters) if adapters else None
+  keys += ["lora_jax/base", "lora_jax/factored@lib"] + ([f"lora_jax/mixed{mid}@lib"] if mid else [])
+  return keys + ([f"lora_jax/mixed{big}@auto+bf16", f"lora_jax/mixed{big}@gather+bf16"] if big else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,13 +91,14 @@ def build_model(cfg: common.BenchConfig, shape: dc.DecodeShape):
   return config, model, params
 
 
-def bank_maker(params, config, rank: int):
+def bank_maker(params, config, rank: int, dtype: Any = None):
   """``make(n, seed)``: a bank of ``n`` random all-linear adapters ``a0 .. a{n-1}`` (r = rank,
   alpha = 2 x rank): ``lora_jax.stack`` of ``n`` references to one ``lora_jax.init`` tree (one
   member's memory), then every ``a`` and ``b`` redrawn in place (a jitted function, the bank
   donated): ``a`` with the spread ``lora_jax.init`` gives it, ``b ~ 0.02 N(0, 1)``. So the bank
   never exists twice, and neither compile nor memory grows with ``n`` beyond the bank itself.
-  Single adapters are members of such a bank (``lora_jax.unstack``)."""
+  Single adapters are members of such a bank (``lora_jax.unstack``). ``dtype``: of the factors
+  (default ``lora_jax.init``'s, float32)."""
   import jax
   import jax.numpy as jnp
 
@@ -102,6 +107,10 @@ def bank_maker(params, config, rank: int):
 
   spec = lora_jax.LoraSpec("all-linear", rank=rank, alpha=2 * rank, layout=llama.lora_layout(config))
   template = lora_jax.init(jax.random.key(2), params, spec)
+  if dtype is not None:
+    is_f = lambda x: isinstance(x, lora_jax.LoraFactors)  # noqa: E731
+    template = jax.tree.map(lambda f: dataclasses.replace(f, a=f.a.astype(dtype), b=f.b.astype(dtype)) if is_f(f) else f,
+                            template, is_leaf=is_f)
   is_bank = lambda x: isinstance(x, lora_jax.LoraBank)  # noqa: E731
 
   @functools.partial(jax.jit, donate_argnums=0)
@@ -339,19 +348,23 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
     row.update(dc.case_fields(case, shape))
     if impl != "lora_jax":
       raise ValueError(f"{key}: expected impl 'lora_jax'")
-    mixed, lib = case.startswith("mixed"), mode == "lib"
-    if mixed and mode not in (*BANK_MODES, "lib"):
+    flags = set(mode.split("+")) - {""}
+    mixed, lib, bf16 = case.startswith("mixed"), "lib" in flags, "bf16" in flags
+    bank_mode = flags & set(BANK_MODES)
+    if flags - {*BANK_MODES, "lib", "bf16"} or len(bank_mode) > 1 or (bank_mode and (lib or not mixed)):
+      raise ValueError(f"{key}: mode {mode!r}: a bank mode ({'/'.join(BANK_MODES)}, mixed cases) or lib, "
+                       "optionally +bf16")
+    if mixed and not (bank_mode or lib):
       raise ValueError(f"{key}: a mixed case needs @<bank mode> (one of {BANK_MODES}) or @lib")
-    if not mixed and mode not in ("", "lib"):
-      raise ValueError(f"{key}: only mixed cases take a bank mode (others: no mode, or @lib)")
+    bank_mode = next(iter(bank_mode), "auto")
     row["driver"] = "lora_jax.models.generation.generate" if lib else "benchmark (extend: jitted prefill + lax.scan decode)"
-    row["bank_mode"] = ("auto" if lib else mode) if mixed else None
+    row["bank_mode"] = bank_mode if mixed else None
     t0 = time.perf_counter()
     if cfg.name not in _MODEL_CACHE:  # in-process runs share the model
       _MODEL_CACHE.clear()
       _MODEL_CACHE[cfg.name] = build_model(cfg, shape)
     config, model, params = _MODEL_CACHE[cfg.name]
-    make = bank_maker(params, config, shape.rank)
+    make = bank_maker(params, config, shape.rank, jnp.bfloat16 if bf16 else None)
     prompts = jax.random.randint(jax.random.key(1), (shape.batch, shape.prompt), 3, cfg.vocab, dtype=jnp.int32)
     mask = jnp.ones((shape.batch, shape.prompt), bool)
     n, b = row["adapters"], row["rows_per_call"]
@@ -366,7 +379,7 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
       ids = jnp.asarray(dc.adapter_ids(shape.batch, n), jnp.int32)
     elif case.startswith("loop"):  # the same members as mixed<C>'s bank
       how, adapters = "factored", members(make, n)
-    driver = LibDriver(model, shape) if lib else Driver(model, config, b, shape, how, bank_mode=mode or "auto")
+    driver = LibDriver(model, shape) if lib else Driver(model, config, b, shape, how, bank_mode=bank_mode)
     jax.block_until_ready((p, adapters, prompts))
     row["setup_s"] = round(time.perf_counter() - t0, 2)
     row["peak_setup_gib"] = _gib(common.jax_peak_bytes())
@@ -450,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       row = dict(skipped="time budget")
     elif inprocess:
       row = measure(key, cfg, shape, args)
+      row["peak_scope"] = "process (in-process run: the peak of every variant so far)"
     else:
       row = common.run_worker(
           [os.path.abspath(__file__), "--worker", key, *dc.worker_argv(args, ["--xla-plan"] if args.xla_plan else [])],

@@ -183,27 +183,35 @@ def prefix_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
   return total / max(1, len(a))
 
 
+BANK_FLAGS = frozenset({"auto", "dense", "gather"})  # lora_jax's bank modes: how, not what, is computed
+
+
+def _what(mode: str) -> frozenset[str]:
+  """The flags of a mode that change what is computed (adapter dtypes, attention, ...), not how."""
+  return frozenset(mode.split("+")) - BANK_FLAGS - {"", "lib", "eager", "static", "compile"}
+
+
 def agreement(rows: list[dict[str, Any]], tokens: dict[str, Any]) -> None:
   """Greedy-token agreement between variants that compute the same thing: ``factored`` vs
-  ``merged`` (one adapter), ``mixed<C>`` vs ``loop<C>x<R>`` (the same adapter for every row), of the
-  same impl and mode where there is one; ``<case>@lib`` vs ``<case>`` (``@auto``). Floating-point
-  rounding differs between them, so a near-tie may flip a token."""
+  ``merged`` (one adapter), ``mixed<C>`` vs ``loop<C>x<R>`` (the same adapter for every row), and
+  ``<case>@lib`` vs the driver's ``<case>`` (``@auto``), of the same impl; the reference is one with
+  the same dtype flags (``bf16``, ...), preferably the same mode. Floating-point rounding differs
+  between them, so a near-tie may flip a token."""
   by = {r["variant"]: r for r in rows}
   for key, toks in tokens.items():
     impl, case, mode = parse_key(key)
-    at = f"@{mode}" if mode else ""
+    same = lambda k: parse_key(k)[0] == impl and _what(parse_key(k)[2]) == _what(mode)  # noqa: E731
     refs = []
-    if mode == "lib":  # the library's generate vs the benchmark's driver (lora_jax)
-      drv = f"{impl}/{case}" + ("@auto" if case.startswith("mixed") else "")
-      refs.append(("driver", [drv] if drv in tokens else []))
+    if "lib" in mode.split("+"):  # the library's generate vs the benchmark's driver (lora_jax)
+      refs.append(("driver", [k for k in tokens if same(k) and parse_key(k)[1] == case and "lib" not in parse_key(k)[2]
+                              and parse_key(k)[2].split("+")[0] in ("", "auto")]))
     if case == "factored":
-      refs.append(("merged", [k for k in tokens if parse_key(k)[:2] == (impl, "merged")]))
+      refs.append(("merged", [k for k in tokens if same(k) and parse_key(k)[1] == "merged"]))
     m = re.fullmatch(r"mixed(\d+)", case)
     if m:
-      refs.append(("loop", [k for k in tokens if parse_key(k)[0] == impl and re.fullmatch(rf"loop{m.group(1)}x\d+", parse_key(k)[1])]))
+      refs.append(("loop", [k for k in tokens if same(k) and re.fullmatch(rf"loop{m.group(1)}x\d+", parse_key(k)[1])]))
     for name, cands in refs:
-      # The same mode where there is one, else any (lora_jax's merged / loop rows have no mode).
-      cands.sort(key=lambda k: k != f"{impl}/{parse_key(k)[1]}{at}")
+      cands.sort(key=lambda k: (("lib" in parse_key(k)[2]) != ("lib" in mode), parse_key(k)[2] != mode))
       if cands and key in by:
         by[key][f"prefix_agree_vs_{name}"] = round(prefix_agreement(toks, tokens[cands[0]]), 4)
         by[key][f"agree_ref_{name}"] = cands[0]

@@ -416,6 +416,8 @@ def decode_section(jax_p: dict | None, peft_p: dict | None, source: str) -> list
       if fw == "JAX":
         how = "library generate" if r.get("mode") == "lib" else "driver"
         how += f", bank {r['bank_mode']}" if r.get("bank_mode") else ""
+        how += ", bf16 adapters" if r.get("adapter_dtype") == "bfloat16" else ""
+        how += ", in-process (peak: the process's so far)" if r.get("peak_scope", "").startswith("process") else ""
       else:
         how = f"{r.get('attention') or '?'}, {r.get('cache') or '?'} cache" + (", compiled" if r.get("compiled_forward") else "")
       rows.append(dict(r, framework=fw, how=how, x_merged=_ratio(r, ref) if r is not ref else None,

@@ -27,7 +27,7 @@ from benchmarks import common
 # Per-config defaults of the decode shape (the GPU run is the issue's: 64 requests, a prompt of
 # 128 tokens, 128 new tokens, r=16, 8 / 32 / 128 adapters, the loop 8 calls of 8 requests).
 DEFAULTS = {
-    "gpu": dict(batch=64, prompt=128, new=128, rank=16, adapters="8,32,128", loop=8, warmup=1, iters=5),
+    "gpu": dict(batch=64, prompt=128, new=128, rank=16, adapters="8,32,128", loop=8, warmup=2, iters=5),
     "cpu": dict(batch=8, prompt=16, new=8, rank=16, adapters="2,4,16", loop=2, warmup=1, iters=2),
 }
 

@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.append and os.path.exists(out):
     with open(out) as f:
       rows = json.load(f).get("rows", [])
-  payload = dict(benchmark="decode", env=env, config=vars(cfg) | dc.shape_config(shape) | {"isolated": not inprocess},
+  payload = dict(benchmark="decode", env=env, config=dc.model_config(cfg) | dc.shape_config(shape) | {
+      "isolated": not inprocess, "attention": "XLA einsums over the KV cache (llama extend: prefill and decode)"},
                  rows=rows)
   tokens: dict[str, Any] = {}
   for key in keys:

@@ -76,6 +76,11 @@ def shape_from_args(args: Any) -> tuple[common.BenchConfig, DecodeShape]:
   return cfg, shape
 
 
+def model_config(cfg: common.BenchConfig) -> dict[str, Any]:
+  """The config's model shapes (its training batch, sequence and chunk do not apply here)."""
+  return {k: v for k, v in vars(cfg).items() if k not in ("batch", "seq", "chunk", "matmul_n", "warmup", "iters")}
+
+
 def shape_config(shape: DecodeShape) -> dict[str, Any]:
   return dict(dataclasses.asdict(shape), alpha=2 * shape.rank, targets="all-linear", greedy=True,
               weights="random (base and adapters)")

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.append and os.path.exists(out):
     with open(out) as f:
       rows = json.load(f).get("rows", [])
-  payload = dict(benchmark="peft_decode", env=env, config=vars(cfg) | dc.shape_config(shape), rows=rows)
+  payload = dict(benchmark="peft_decode", env=env, config=dc.model_config(cfg) | dc.shape_config(shape), rows=rows)
   tokens: dict[str, Any] = {}
   for key in keys:
     if common.over_budget(args, time.perf_counter() - t_start):

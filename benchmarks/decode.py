@@ -85,7 +85,10 @@ def build_model(cfg: common.BenchConfig, shape: dc.DecodeShape):
 
   from lora_jax.models import llama
 
-  config = common.llama_config(cfg, remat=False, max_position_embeddings=max(2048, shape.prompt + shape.new))
+  # DECODE_SCAN_UNROLL: layers per iteration of the layer scan (0: all, no loop); recorded per row.
+  unroll = int(os.environ.get("DECODE_SCAN_UNROLL", "1"))
+  config = common.llama_config(cfg, remat=False, max_position_embeddings=max(2048, shape.prompt + shape.new),
+                               scan_unroll=unroll)
   model = llama.LlamaForCausalLM(config)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   return config, model, params
@@ -359,6 +362,8 @@ def measure(key: str, cfg: common.BenchConfig, shape: dc.DecodeShape, args: Any)
     bank_mode = next(iter(bank_mode), "auto")
     row["driver"] = "lora_jax.models.generation.generate" if lib else "benchmark (extend: jitted prefill + lax.scan decode)"
     row["bank_mode"] = bank_mode if mixed else None
+    row["scan_unroll"] = int(os.environ.get("DECODE_SCAN_UNROLL", "1"))
+    row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     t0 = time.perf_counter()
     if cfg.name not in _MODEL_CACHE:  # in-process runs share the model
       _MODEL_CACHE.clear()

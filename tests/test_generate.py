@@ -230,9 +230,19 @@ def test_one_adapter_equals_merged():
   model, params = _model(), _params()
   prompts, mask = _prompts()
   adapters = _adapters()
-  factored = G.generate(model, params, prompts, mask, N_NEW, adapters=adapters)
+  factored = G.generate(model, params, prompts, mask, N_NEW, adapters=adapters, merge_adapters=False)
   merged = G.generate(model, lora_jax.merge(params, adapters), prompts, mask, N_NEW)
   np.testing.assert_array_equal(factored.tokens, merged.tokens)
+  # the default folds the adapter in for the call (the merged model's executable): the same tokens
+  auto = G.generate(model, params, prompts, mask, N_NEW, adapters=adapters)
+  np.testing.assert_array_equal(auto.tokens, merged.tokens)
+  # ... inside the jit: one merge per adapted kernel, then the base model's matmuls (no thin products)
+  dots = lambda **kw: str(jax.make_jaxpr(lambda p: G.generate(model, p, prompts, mask, 3, **kw).tokens)(params)).count("dot_general")
+  adapted = sum(f is not None for f in jax.tree.leaves(adapters, is_leaf=lambda f: f is None or isinstance(f, lora_jax.LoraFactors)))
+  assert dots(adapters=adapters) == dots() + adapted < dots(adapters=adapters, merge_adapters=False)
+  with pytest.raises(ValueError, match=r"merge_adapters=True\) needs one adapter tree"):
+    G.generate(model, params, prompts, mask, N_NEW, adapters=lora_jax.stack({"x": adapters}),
+               adapter_ids=[0, 0, 0], merge_adapters=True)
   assert (np.asarray(factored.tokens) != _greedy()).mean() > 0.3  # the adapter changes the text
   # The pieces, under one jit: prefill logits equal the merged model's full forward.
   cache = L.init_cache(model.config, 3, 8)

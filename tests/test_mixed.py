@@ -125,6 +125,7 @@ def test_one_compile_for_every_pattern_and_hot_swap(mlp):
 
 def test_stack_unstack_round_trip_exact(mlp):
   _, _, members, _ = mlp
+  assert lora_jax.stack(members, dtype=jnp.bfloat16)["params"]["up"]["kernel"].a.dtype == jnp.bfloat16
   back = lora_jax.unstack(lora_jax.stack(members))
   assert list(back) == list(members)
   for nm in members:

@@ -254,7 +254,7 @@ def _flat(tree: PyTree, name: str):
   return flat, treedef
 
 
-def _stack_one(path: str, names: Sequence[str], fs: Sequence[Adapter | None]) -> LoraBank | None:
+def _stack_one(path: str, names: Sequence[str], fs: Sequence[Adapter | None], dtype: Any = None) -> LoraBank | None:
   present = [(n, f) for n, f in zip(names, fs) if f is not None]
   if not present:
     return None
@@ -279,7 +279,8 @@ def _stack_one(path: str, names: Sequence[str], fs: Sequence[Adapter | None]) ->
           "init changed the base of one): a bank shares one base."
       )
   r = max(f.rank for _, f in present)
-  dtype = jnp.result_type(*[f.a.dtype for _, f in present], *[f.b.dtype for _, f in present])
+  if dtype is None:
+    dtype = jnp.result_type(*[f.a.dtype for _, f in present], *[f.b.dtype for _, f in present])
   a_shape, b_shape = f0.expected_shapes(f0.kernel_shape)["a"], f0.expected_shapes(f0.kernel_shape)["b"]
   nl = f0.layout.count("l")
   aa, bb, scales, ranks, rs = [], [], [], [], []
@@ -306,13 +307,15 @@ def _stack_one(path: str, names: Sequence[str], fs: Sequence[Adapter | None]) ->
   )
 
 
-def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree]) -> PyTree:
+def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree], dtype: Any = None) -> PyTree:
   """Stacks several adapter trees on one base into a bank, for batches that mix them.
 
   Args:
     adapters: ``{name: adapters}`` (or a list; names are then ``"0"``, ``"1"``, ...), each a
       tree from :func:`lora_jax.init` mirroring the same params, of plain LoRA factors. They
       may adapt different kernels and have different ranks and scales.
+    dtype: the bank's factor dtype (e.g. ``jnp.bfloat16`` to serve a bf16 model: a mixed call
+      reads the bank at every step); default: the members' common dtype.
 
   Returns:
     The same tree with a :class:`LoraBank` at every kernel some member adapts. Pass it to a
@@ -341,7 +344,7 @@ def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree]) -> PyTree:
           f"{diff[0]!r}); members of a bank are adapters of one base."
       )
   banks = [
-      _stack_one(path, names, [flat[j][1] for flat, _ in flats]) for j, path in enumerate(paths0)
+      _stack_one(path, names, [flat[j][1] for flat, _ in flats], dtype) for j, path in enumerate(paths0)
   ]
   if all(b is None for b in banks):
     raise ValueError(f"lora_jax.stack: none of the adapters {list(names)[:4]} adapts any kernel.")

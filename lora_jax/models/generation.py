@@ -288,7 +288,7 @@ def _is_traced(*xs: Any) -> bool:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "apply", "max_new_tokens", "greedy", "nucleus", "cache_dtype"),
+    static_argnames=("model", "apply", "max_new_tokens", "greedy", "nucleus", "cache_dtype", "merge"),
 )
 def _generate(
     params: PyTree,
@@ -308,7 +308,10 @@ def _generate(
     greedy: bool,
     nucleus: bool,
     cache_dtype: Any,
+    merge: bool = False,
 ) -> Generated:
+  if merge:  # one adapter folded in for this call only: the merged kernels are temporaries
+    params, adapters = lora_jax.merge(params, adapters), None
   b, p = prompts.shape
   n = max_new_tokens
   kw = dict(adapters=adapters, adapter_ids=adapter_ids, apply=apply)
@@ -360,6 +363,7 @@ def generate(
     pad_token_id: int | Array = 0,
     bucket: Callable[[int], int] | None = bucket_length,
     cache_dtype: Any = None,
+    merge_adapters: bool | None = None,
 ) -> Generated:
   """Generates ``max_new_tokens`` per row: one jitted prefill + ``lax.while_loop`` of decode steps.
 
@@ -380,6 +384,11 @@ def generate(
       from ``lora_jax.stack`` with ``adapter_ids``.
     adapter_ids: ``(B,)`` int: each row's adapter in the bank, ``-1`` for the base alone; or
       a list of member names (``None`` for the base), as :func:`lora_jax.bank_ids` takes.
+    merge_adapters: with one adapter tree, fold it into the params for this call only (inside
+      the jit, before the prefill: every decode step then runs the merged model's executable,
+      at the cost of one copy of the adapted kernels for the call; ``params`` and ``adapters``
+      stay as given) instead of computing it factored at every step. ``None`` (the default)
+      merges unless the base is quantized (merging would dequantize it); banks are never merged.
     apply: a function to call instead of ``model.apply`` (the adapters wrap it); it is a
       static argument: pass the same function object each time, or each call recompiles.
     temperature: ``0``: greedy. Else a float or ``(B,)`` array (see :func:`sample_logits`).
@@ -453,6 +462,12 @@ def generate(
       ids = adapter_ids if isinstance(adapter_ids, (list, tuple)) else np.asarray(adapter_ids).tolist()
       adapter_ids = lora_jax.bank_ids(adapters, ids)
   eos = jnp.reshape(jnp.asarray([] if eos_token_id is None else eos_token_id, jnp.int32), (-1,))
+  single = adapters is not None and adapter_ids is None
+  if merge_adapters is None:
+    quantized = any(isinstance(x, BaseLeaf) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, BaseLeaf)))
+    merge_adapters = single and not quantized
+  elif merge_adapters and not single:
+    raise ValueError("generate(merge_adapters=True) needs one adapter tree: a bank with adapter_ids is never merged.")
 
   width = p if bucket is None else int(bucket(p))
   if width < p:
@@ -480,4 +495,5 @@ def generate(
       greedy=greedy,
       nucleus=nucleus,
       cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+      merge=bool(merge_adapters),
   )

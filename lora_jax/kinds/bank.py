@@ -172,9 +172,8 @@ class BankRow(Adapter):
     a = jnp.reshape(self.a, (*np.shape(self.a)[:-2], n * r))
     bs = np.shape(self.b)
     b = jnp.reshape(self.b, (*bs[:nl], n * r, *bs[nl + 2 :]))
-    onehot = jnp.arange(n) == self.id
-    w = jnp.where(onehot, self._member_scale(), 0.0)
-    w = jnp.where(jnp.isnan(self._member_scale()), jnp.nan, w)
+    s = self._member_scale()
+    w = jnp.where(jnp.isnan(s), jnp.nan, jnp.where(jnp.arange(n) == self.id, s, 0.0))
     return a, b, jnp.repeat(w, r)
 
   def gathered_factors(self) -> tuple[Array, Array, Array]:

@@ -11,7 +11,7 @@ from lora_jax.io import AdapterFileError, load, load_config, load_params, save, 
 from lora_jax.files.sets import export_peft_set, import_peft_set, load_set, save_set
 from lora_jax.layout import infer_layout
 from lora_jax.optim import freeze_base, lora_plus, trainable_mask
-from lora_jax.sharding import adapter_shardings, shard_like
+from lora_jax.sharding import adapter_shardings, adapter_specs, shard_like
 from lora_jax.spec import LoraSpec, Target
 from lora_jax.nnx import from_nnx, to_nnx
 from lora_jax.transform import (
@@ -29,6 +29,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "adapter_shardings",
+    "adapter_specs",
     "bank_ids",
     "bank_names",
     "AdapterFileError",

@@ -260,10 +260,22 @@ def _apply(params: PyTree, adapters: PyTree, how: str, dtype: Any = None) -> PyT
       w = dense(leaf)  # a base leaf (a quantized kernel) becomes a dense kernel of its dtype
       if dtype is not None and is_base_leaf(leaf):
         w = w.astype(dtype)  # before the update, which is then rounded to dtype only
-      out.append(w if f is None else getattr(f, how)(w))
+      out.append(_keep_sharding(leaf, w if f is None else getattr(f, how)(w)))
     except ValueError as e:
       raise ValueError(f"{path!r}: {e}") from None
   return tree_from_entries(params, out)
+
+
+def _keep_sharding(leaf: Any, w: Any) -> Any:
+  """``w`` placed like ``leaf`` where ``leaf`` is a concrete array with a ``NamedSharding`` (an
+  eager merge of a sharded kernel stays sharded as the kernel); under a trace the compiler's
+  propagation (or the caller's ``out_shardings``) decides."""
+  if isinstance(leaf, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
+    return w
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and getattr(w, "sharding", None) != sharding:
+    return jax.device_put(w, sharding)
+  return w
 
 
 def merge(params: PyTree, adapters: PyTree, dtype: Any = None) -> PyTree:

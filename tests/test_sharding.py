@@ -28,7 +28,7 @@ def test_factor_specs(spec, layout, want_a, want_b):
 def test_adapter_shardings_needs_named_sharding():
   params = {"w": jax.numpy.ones((4, 4))}
   ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec("w", rank=2))
-  with pytest.raises(ValueError, match="'w': the kernel has sharding .* needs a NamedSharding"):
+  with pytest.raises(ValueError, match="'w': the kernel has sharding .* need a NamedSharding"):
     lora_jax.adapter_shardings({"w": jax.ShapeDtypeStruct((4, 4), "float32")}, ad)
   mesh = Mesh(jax.devices()[:1], ("tp",))
   placed = {"w": jax.device_put(params["w"], NamedSharding(mesh, P(None, "tp")))}

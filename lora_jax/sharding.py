@@ -99,11 +99,10 @@ def _box_sharding(path: str, box: Any, mesh: Mesh | None, rules: Rules | None) -
   """A linen box's sharding: ``nn.Partitioned`` names are mesh axes; ``nn.LogicallyPartitioned``
   names are logical, resolved with ``rules`` (else the box's own, else flax's
   ``nn.logical_axis_rules`` context) as ``nn.logical_to_mesh_sharding`` does."""
-  from flax.core.meta import LogicallyPartitioned
   from flax.linen import spmd
 
   names = box.names
-  if isinstance(box, LogicallyPartitioned):
+  if isinstance(box, spmd.LogicallyPartitioned):
     use = rules if rules is not None else (getattr(box, "rules", None) or None)
     spec = spmd.logical_to_mesh_axes(names, use)
     if spec is None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,8 +37,8 @@ def test_adapter_shardings_needs_named_sharding():
   assert shard["w"].b.spec == P(None, "tp")
 
 
-def test_sharded_jit_and_pmap_on_8_host_devices():
-  script = os.path.join(os.path.dirname(__file__), "multidevice", "sharded_training.py")
+def _run_8_devices(name, marker):
+  script = os.path.join(os.path.dirname(__file__), "multidevice", name)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(
       os.environ,
@@ -46,5 +47,65 @@ def test_sharded_jit_and_pmap_on_8_host_devices():
       PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
   )
   proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "MULTIDEVICE OK" in proc.stdout
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-6000:]
+  assert marker in proc.stdout
+  return proc.stdout
+
+
+def test_sharded_jit_and_pmap_on_8_host_devices():
+  _run_8_devices("sharded_training.py", "MULTIDEVICE OK")
+
+
+def test_fsdp_and_tensor_parallel_meshes_on_8_host_devices():
+  """Meshes (8,), (2, 4), (4, 2) with logical-axis rules: see tests/multidevice/scale_out.py."""
+  out = _run_8_devices("scale_out.py", "SCALE OUT OK")
+  assert out.count("collectives LoRA step") == 3
+
+
+def test_adapter_specs_logical_names_and_rank_axis():
+  params = {"q": {"kernel": jax.numpy.ones((4, 6))}, "n": {"scale": jax.numpy.ones(6)}}
+  ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["q"], rank=2))
+  specs = {"q": {"kernel": P("embed", "heads")}, "n": {"scale": P()}}
+  got = lora_jax.adapter_specs(specs, ad)["q"]["kernel"]
+  assert (got.a, got.b) == (P("embed", None), P(None, "heads"))
+  got = lora_jax.adapter_specs(specs, ad, rank_axis="lora")["q"]["kernel"]
+  assert (got.a, got.b) == (P("embed", "lora"), P("lora", "heads"))
+  with pytest.raises(ValueError, match="'q/kernel': rank_axis='embed' is already used"):
+    lora_jax.adapter_specs(specs, ad, rank_axis="embed")
+  with pytest.raises(ValueError, match="'q/kernel': adapted here, but `specs` has no entry"):
+    lora_jax.adapter_specs({"n": {"scale": P()}}, ad)
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("embed", "heads"))
+  named = lora_jax.adapter_specs(specs, ad, mesh=mesh)["q"]["kernel"]
+  assert isinstance(named.b, NamedSharding) and named.b.spec == P(None, "heads")
+  with pytest.raises(ValueError, match="'q/kernel': the kernel has sharding None; adapter shardings need"):
+    lora_jax.adapter_shardings(params | {"q": {"kernel": jax.ShapeDtypeStruct((4, 6), "float32")}}, ad)
+
+
+def test_adapter_shardings_from_linen_logical_boxes():
+  import flax.linen as nn
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return nn.Dense(8, name="up", kernel_init=init)(x)
+
+  x = jax.numpy.ones((2, 4))
+  boxed = M().init(jax.random.key(0), x)
+  ad = lora_jax.init(jax.random.key(1), boxed, lora_jax.LoraSpec(["up"], rank=2))
+  mesh = Mesh(jax.devices()[:1], ("model",))
+  sh = nn.unbox(lora_jax.adapter_shardings(boxed, ad, mesh=mesh, rules=(("mlp", "model"),)))
+  f = sh["params"]["up"]["kernel"]
+  assert f.a.spec == P(None, None) and f.b.spec == P(None, "model")
+  with pytest.raises(ValueError, match="'params/up/kernel': the kernel's sharding is the PartitionSpec"):
+    lora_jax.adapter_shardings(boxed, ad, rules=(("mlp", "model"),))  # no mesh
+  # The wrapped apply takes the boxed variables as model.apply does.
+  np.testing.assert_allclose(lora_jax.wrap(M().apply)(boxed, ad, x), M().apply(boxed, x), rtol=1e-6)
+
+
+def test_eager_merge_keeps_the_kernel_sharding():
+  mesh = Mesh(jax.devices()[:1], ("model",))
+  s = NamedSharding(mesh, P(None, "model"))
+  params = {"q": {"kernel": jax.device_put(jax.numpy.ones((4, 6)), s)}}
+  ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["q"], rank=2))
+  assert lora_jax.merge(params, ad)["q"]["kernel"].sharding == s

@@ -109,3 +109,29 @@ def test_eager_merge_keeps_the_kernel_sharding():
   params = {"q": {"kernel": jax.device_put(jax.numpy.ones((4, 6)), s)}}
   ad = lora_jax.init(jax.random.key(0), params, lora_jax.LoraSpec(["q"], rank=2))
   assert lora_jax.merge(params, ad)["q"]["kernel"].sharding == s
+
+
+@pytest.mark.skipif(not hasattr(jax, "shard_map"), reason="jax.shard_map (JAX >= 0.7); older JAX materialises the kernels a shard_map takes")
+def test_shard_map_both_ways_on_8_host_devices():
+  """wrap inside a shard_map and wrap of a shard_map'd function, LoRA and DoRA, grads: see
+  tests/multidevice/shard_map.py."""
+  _run_8_devices("shard_map.py", "SHARD_MAP OK")
+
+
+@pytest.mark.skipif(not hasattr(jax, "shard_map"), reason="jax.shard_map (JAX >= 0.7)")
+def test_wrapped_shard_map_is_factored_on_one_device():
+  mesh = Mesh(jax.devices()[:1], ("model",))
+  params = {"up": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}
+  ad = lora_jax.init(jax.random.key(1), params, lora_jax.LoraSpec(["up"], rank=2))
+  ad = jax.tree.map(lambda t: t + 0.5, ad)
+  kspecs = {"up": {"kernel": P(None, "model")}}
+
+  def f(p, x):
+    return x @ p["up"]["kernel"]
+
+  x = jax.random.normal(jax.random.key(2), (4, 8))
+  outer = lora_jax.wrap(jax.shard_map(f, mesh=mesh, in_specs=(kspecs, P()), out_specs=P(None, "model")), fallback="error")
+  want = x @ lora_jax.merge(params, ad)["up"]["kernel"]
+  np.testing.assert_allclose(outer(params, ad, x), want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
+  report = lora_jax.explain(jax.shard_map(f, mesh=mesh, in_specs=(kspecs, P()), out_specs=P(None, "model")), params, ad, x)
+  assert "up/kernel  io      dot_general: factored" in str(report), str(report)

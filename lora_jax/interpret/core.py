@@ -19,6 +19,7 @@ from jax.extend import core as jex
 
 from lora_jax._jaxpr import open_jaxpr, scan_counts
 from lora_jax.bases import BaseLeaf
+from lora_jax.kinds.dora import _varying_axes
 from lora_jax.interpret.report import Ctx
 from lora_jax.interpret.sites import CONSUMERS, DotSite, base_product, bind, grouped_first_products, rule_dot
 from lora_jax.interpret.views import STRUCTURAL, View, drop_label, relabel_after_drop, rule_dynamic_slice
@@ -169,6 +170,8 @@ def apply_rule(ctx: Ctx, eqn, invals):
     if out is not None:
       return out
     return bind(eqn, [ctx.materialize(first, name, f"`{name}` reshapes the kernel across factor axes")])
+  if name in ("pvary", "pcast") and any(isinstance(x, View) for x in invals):
+    return _rule_pvary(eqn, invals)
   if name == "dynamic_slice" and isinstance(first, View) and not any(isinstance(x, View) for x in invals[1:]):
     return rule_dynamic_slice(eqn, first, *invals[1:])
   if name in CONSUMERS:
@@ -180,6 +183,31 @@ def apply_rule(ctx: Ctx, eqn, invals):
   else:
     reason = f"no factored rule for `{name}`"
   return bind(eqn, [ctx.materialize(x, name, reason) if isinstance(x, View) else x for x in invals])
+
+
+def _rule_pvary(eqn, invals):
+  """Inside ``shard_map``, ``pvary`` (``pcast`` to varying) marks a value as varying over more
+  manual axes, a type change with no data movement: applied to a view it marks the base and
+  every adapter leaf, each over the axes it does not vary over yet."""
+  axes_key = "axes" if "axes" in eqn.params else None
+
+  def mark(x):
+    if axes_key is None:
+      return eqn.primitive.bind(x, **eqn.params)
+    have = _varying_axes(x)
+    axes = tuple(a for a in eqn.params[axes_key] if a not in have)
+    if not axes:
+      return x
+    out = eqn.primitive.bind(x, **{**eqn.params, axes_key: axes})
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+  outs = []
+  for x in invals:
+    if isinstance(x, View):
+      outs.append(x.replace(base=jax.tree.map(mark, x.base), adapter=jax.tree.map(mark, x.adapter)))
+    else:
+      outs.append(mark(x))
+  return outs if eqn.primitive.multiple_results else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,9 +305,77 @@ def _rule_scan(ctx, eqn, *invals):
   return [*carry, *ys]
 
 
+def _spec_entries(spec: Any, ndim: int) -> list[Any]:
+  return (list(spec) + [None] * ndim)[:ndim]
+
+
+def _rule_shard_map(ctx, eqn, *invals):
+  """``shard_map``: re-expressed through the public API. A kernel view enters as its shard of
+  the base plus its adapter leaves as extra inputs, each leaf axis that carries a kernel axis's
+  label sharded as that kernel axis (the rank and bank axes replicated), so each shard of
+  ``a @ b`` is exactly that shard of the update; the body is evaluated with the interpreter.
+  A view this cannot express (lazy view ops, a quantized base, DoRA with a split fan-in and no
+  varying-axis tracking) is materialised for the call, exactly."""
+  p = eqn.params
+  jaxpr, consts = open_jaxpr(p["jaxpr"])
+  in_specs = p.get("in_specs")
+  if in_specs is None or "out_specs" not in p:  # an older shard_map: in_names / out_names
+    return bind(eqn, [ctx.materialize(x, "shard_map", "an older shard_map signature") if isinstance(x, View) else x for x in invals])
+  args, specs, metas = [], [], []
+  for x, spec in zip(invals, in_specs):
+    meta = None
+    if isinstance(x, View):
+      entries = _spec_entries(spec, len(x.shape))
+      fan_in_split = any(lab[0] == "i" and e is not None for lab, e in zip(x.axes, entries))
+      if x.ops or isinstance(x.base, BaseLeaf) or (fan_in_split and x.adapter.GROUP_LEAF is None and "m" in x.adapter.ROLES and not p.get("check_vma", p.get("check_rep", False))):
+        x = ctx.materialize(x, "shard_map", "the kernel enters shard_map in a form whose shards cannot be derived")
+      else:
+        leaves = x.adapter.leaves()
+        leaf_specs = {}
+        for name, leaf in leaves.items():
+          e = [None] * leaf.ndim
+          for k, lab in enumerate(x.axes):
+            j = x.leaf_axis(name, lab)
+            if j is not None:
+              e[j] = entries[k]
+          leaf_specs[name] = jax.sharding.PartitionSpec(*e)
+        meta = (x, list(leaves))
+        args.append(x.base)
+        specs.append(spec)
+        for name in leaves:
+          args.append(leaves[name])
+          specs.append(leaf_specs[name])
+        metas.append(meta)
+        continue
+    args.append(x)
+    specs.append(spec)
+    metas.append(None)
+
+  def body(*flat):
+    flat = list(flat)
+    rebuilt = []
+    for meta in metas:
+      if meta is None:
+        rebuilt.append(flat.pop(0))
+        continue
+      v, names = meta
+      base = flat.pop(0)
+      shards = {n: flat.pop(0) for n in names}
+      rebuilt.append(View(base, v.adapter.replace(**shards), v.axes, tuple(base.shape), v.dtype, v.path))
+    return tuple(finalize(ctx, evaluate(ctx, jaxpr, consts, rebuilt)))
+
+  kw = {"check_vma": p["check_vma"]} if "check_vma" in p else {}
+  manual = p.get("manual_axes", p.get("newly_manual_axes"))
+  if manual is not None and frozenset(manual) != frozenset(p["mesh"].axis_names):
+    kw["axis_names"] = set(manual)
+  fn = jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs), out_specs=tuple(p["out_specs"]), **kw)
+  return list(fn(*args))
+
+
 _HIGHER = {
     **{name: _rule_inline for name in CALL_PRIMITIVES},
     **{name: _rule_checkpoint for name in REMAT_PRIMITIVES},
     "cond": _rule_cond,
     "scan": _rule_scan,
+    **({"shard_map": _rule_shard_map} if hasattr(jax, "shard_map") else {}),
 }

@@ -53,6 +53,31 @@ def _as_matrices(w: Array, layout: str) -> tuple[Array, tuple[int, ...], tuple[i
   return w.reshape(int(np.prod(L)), int(np.prod(I)), int(np.prod(O))), tuple(L), tuple(O)
 
 
+def _sum_over_split_fan_in(sq: Array, w: Array, ref: Array) -> Array:
+  """Inside ``shard_map`` a kernel's fan-in may be split over manual mesh axes: then each
+  shard holds a partial sum over the fan-in, summed here over the axes ``w`` varies over and
+  the fan-out-roled ``ref`` (``b`` or the magnitude) does not. Outside ``shard_map`` (or with
+  ``check_vma=False``, which records no such axes) nothing is summed."""
+  vw = _varying_axes(w)
+  if not vw:
+    return sq
+  axes = tuple(sorted(vw - _varying_axes(ref)))
+  return jax.lax.psum(sq, axes) if axes else sq
+
+
+def _varying_axes(x: Array) -> frozenset:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (JAX 0.6-0.9: ``aval.vma``;
+  later: ``aval.manual_axis_type.varying``); empty outside it."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:  # pragma: no cover - JAX >= 0.6.2 has it
+    return frozenset()
+  t = typeof(x)
+  v = getattr(t, "vma", None)
+  if v is None:
+    v = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+  return frozenset(v or ())
+
+
 def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Array:
   """``||W + scale*a@b||`` per output feature (roles ``'lo'``), over the fan-in axes, from the
   factors: ``||W||^2 + 2s<a^T W, b> + s^2 b^T (a^T a) b``, so no ``fan_in x fan_out`` update
@@ -68,7 +93,7 @@ def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Arra
   a3, b3 = a3.astype(acc), b3.astype(acc)
   gram = jnp.einsum("lir,lis->lrs", a3, a3, precision=_HI)
   quad = jnp.einsum("lro,lrs,lso->lo", b3, gram, b3, precision=_HI)
-  sq = wsq + 2 * scale * cross + scale * scale * quad
+  sq = _sum_over_split_fan_in(wsq + 2 * scale * cross + scale * scale * quad, w, b)
   return jnp.sqrt(jnp.maximum(sq, 0)).reshape(L + O)
 
 
@@ -81,9 +106,11 @@ def _column_dot(x: Array, y: Array, layout: str) -> Array:
   return jnp.sum(x3 * y3, axis=1).reshape(L + O)
 
 
-def dense_column_norm(v: Array, layout: str) -> Array:
-  """``||v||`` per output feature (roles ``'lo'``) of a kernel-shaped ``v``, float32 or wider."""
-  return jnp.sqrt(_column_dot(v, v, layout))
+def dense_column_norm(v: Array, layout: str, ref: Array | None = None) -> Array:
+  """``||v||`` per output feature (roles ``'lo'``) of a kernel-shaped ``v``, float32 or wider
+  (summed over split fan-in shards inside ``shard_map``, with ``ref`` a fan-out-roled leaf)."""
+  sq = _column_dot(v, v, layout)
+  return jnp.sqrt(sq if ref is None else _sum_over_split_fan_in(sq, v, ref))
 
 
 def along_kernel(v: Array, layout: str) -> Array:
@@ -158,7 +185,7 @@ class DoraFactors(Adapter):
     if self.prepared:
       g = self.m
     else:
-      g = self.m.astype(d.dtype) / jax.lax.stop_gradient(dense_column_norm(v, self.layout))
+      g = self.m.astype(d.dtype) / jax.lax.stop_gradient(dense_column_norm(v, self.layout, self.m))
     return (v * along_kernel(g.astype(v.dtype), self.layout)).astype(w.dtype)
 
   def unmerge(self, w: Array) -> Array:

@@ -104,7 +104,6 @@ def main():
   jax.distributed.initialize(
       coordinator_address=f"127.0.0.1:{port}", num_processes=n, process_id=pid, initialization_timeout=60
   )
-  import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -173,6 +172,13 @@ def main():
     losses.append(float(to_host(loss)))
   state = {"adapters": adapters, "opt_state": opt, "step": glob(np.int32(STEPS), P())}
   ckpt = os.path.join(out_dir, "ckpt")
+  if not isinstance(getattr(jax.sharding, "set_mesh", None), type):
+    # orbax 0.12 slices replicated shards among their replicas inside `with
+    # jax.sharding.set_mesh(...)`, a context manager (a class) only from JAX 0.7; before,
+    # it is a function returning None and the save fails: write whole shards instead.
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    result["orbax_replica_parallel"] = np.array(False)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(ckpt, state)
     ckptr.wait_until_finished()

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.bases import is_base_leaf
+from lora_jax._multihost import multiprocess, once, tree_to_host
 from lora_jax._paths import leaves_with_paths, nearby, path_str, tree_from_entries
 from lora_jax.adapters import check_adapters
 from lora_jax.files.atomic import atomic_write, check_target
@@ -385,6 +386,15 @@ def save(
       PiSSA/OLoRA adapters whose base is not the kernel in ``params`` (or made under jit and
       saved without ``params``); a destination that is a directory where the file should go.
     TypeError: integer factors, metadata or a spec field that cannot be saved.
+    OSError: the file cannot be written; in a multi-process program, on the processes other
+      than 0 when process 0 failed to write it.
+
+  Multi-process (``jax.distributed.initialize``): call ``save`` from **every** process with
+  the same adapters and path. Leaves sharded over other processes' devices are gathered to
+  the host (``multihost_utils.process_allgather``; a fully replicated leaf is read from a
+  local shard), every process checks and serialises them (so each raises the same errors),
+  only process 0 writes, and every process returns once the file is in place: a
+  :func:`load` from any process that sees the same file system reads this save.
 
   >>> import tempfile, lora_jax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -393,6 +403,15 @@ def save(
   >>> lora_jax.load(d, params)["dense"]["kernel"].a.shape
   (4, 2)
   """
+  if multiprocess():
+    adapters = tree_to_host(adapters)
+  encoded = _encode(adapters, spec, metadata, params)
+  once(f"save({os.fspath(path)!r})", lambda: _write_save(path, encoded))
+  return os.fspath(path)
+
+
+def _encode(adapters: PyTree, spec: LoraSpec | None, metadata: Mapping[str, Any] | None, params: PyTree | None) -> Any:
+  """The checked, serialised save of ``adapters`` (:func:`save` less the write)."""
   kernels: dict[str, Any] = {}
   if params is not None:
     adapters = _as_tree(adapters, params)
@@ -430,6 +449,11 @@ def save(
       CONFIG_KEY: text,
       DIGEST_KEY: hashlib.sha256(text.encode("utf-8")).hexdigest(),
   })
+  return encoded
+
+
+def _write_save(path: str | os.PathLike, encoded: Any) -> None:
+  """Writes what :func:`_encode` made to ``path`` (a directory or ``NAME.safetensors``)."""
   # Everything is serialised; only now is the destination touched.
   tensor_path, json_path = _files(path)
   p = os.fspath(path)
@@ -439,7 +463,6 @@ def save(
   check_target(tensor_path)
   atomic_write(tensor_path, encoded.write)
   _remove_format1_config(json_path)
-  return os.fspath(path)
 
 
 def _remove_format1_config(json_path: str) -> None:
@@ -723,6 +746,11 @@ def load(
     was saved as. Leaves are placed on the default device; for a sharded base use
     ``lora_jax.shard_like(load(path, params), params)``.
 
+  Multi-process: every process reads the file itself (a shared file system, or a copy on
+  each host) and gets host-local leaves; ``shard_like`` then places them on the global mesh.
+  Call it from every process: checking a PiSSA/OLoRA base digest against a kernel sharded
+  over other processes' devices gathers that kernel (a collective).
+
   Raises:
     FileNotFoundError: nothing saved at ``path``.
     AdapterFileError: a malformed, edited, corrupted, pickled or non-finite file, or an
@@ -805,6 +833,8 @@ _FIX_BASE = (
 def _digest_of(leaf: Any) -> str | None:
   """The kernel's base digest (of a quantized leaf: of its dense values), or None where it
   cannot be told (no values)."""
+  if multiprocess():  # a kernel sharded over other processes' devices: gathered (on every process)
+    leaf = tree_to_host(leaf)
   if is_base_leaf(leaf):
     if any(isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") for x in jax.tree.leaves(leaf)):
       return None

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.bases import dense, is_base_leaf
+from lora_jax._multihost import multiprocess, once, to_host, tree_to_host
 from lora_jax._paths import leaves_with_paths, tree_from_entries
 from lora_jax.adapters import check_adapters, merge
 from lora_jax.files.adapters import _as_tree, _version
@@ -45,7 +46,9 @@ def save_params(path: str | os.PathLike, params: PyTree, metadata: Mapping[str, 
   The metadata records ``format`` = ``lora_jax.params.v2``, the library version, your
   ``metadata`` (str -> str) and a SHA-256 of the tensors and their table, which
   :func:`load_params` verifies. The file is written to a temp file (0644 under umask 022) and
-  moved into place: a kill at any moment leaves the old file or the new one.
+  moved into place: a kill at any moment leaves the old file or the new one. Multi-process:
+  call it from every process; leaves are gathered to every host and process 0 alone writes
+  (as :func:`save_merged`).
 
   >>> import tempfile
   >>> p = save_params(tempfile.mkdtemp() + "/p.safetensors", {"w": {"kernel": jnp.ones((2, 2))}})
@@ -54,13 +57,15 @@ def save_params(path: str | os.PathLike, params: PyTree, metadata: Mapping[str, 
   """
   flat = _flat_params(params)
   meta = {**dict(metadata or {}), "format": PARAMS_FORMAT, "lora_jax_version": _version()}
-  _write(path, flat, meta)
+  _write("save_params", path, flat, meta)
   return os.fspath(path)
 
 
-def _write(path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+def _write(fn: str, path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+  if multiprocess():  # leaves spanning other processes' devices: gathered (on every process)
+    flat = tree_to_host(dict(flat))
   enc = encode_safetensors(flat, meta, data_digest=True)  # serialised before the file is touched
-  atomic_write(os.fspath(path), enc.write)
+  once(f"{fn}({os.fspath(path)!r})", lambda: atomic_write(os.fspath(path), enc.write))  # process 0 writes
 
 
 def _float_dtype(dtype: Any, where: str) -> np.dtype:
@@ -104,6 +109,14 @@ def save_merged(
     ValueError: adapters that do not fit ``params``; with ``safe``, a non-finite merged leaf
       (the message names its path); ``path`` is a directory.
     TypeError: ``dtype`` is not a floating-point dtype.
+    OSError: the file cannot be written (multi-process: on processes other than 0 also when
+      process 0 failed to write it).
+
+  Multi-process (``jax.distributed.initialize``): call it from every process with the same
+  arguments. The merge runs on the global arrays; each merged leaf is then gathered to the
+  host of every process (``multihost_utils.process_allgather``; a fully replicated one is read
+  from a local shard), so each host needs memory for the whole model; only process 0 writes,
+  and every process returns once the file is in place.
 
   >>> import tempfile
   >>> from lora_jax.kinds import LoraFactors
@@ -125,15 +138,15 @@ def save_merged(
     if dtype is not None and is_float_dtype(leaf.dtype):
       leaf = jnp.asarray(leaf).astype(dtype)
     if safe and is_float_dtype(leaf.dtype):
-      finite = bool(jnp.isfinite(leaf).all())
-      if not finite and (name in adapted or bool(jnp.isfinite(dense(base[name])).all())):
+      finite = bool(to_host(jnp.isfinite(leaf).all()))
+      if not finite and (name in adapted or bool(to_host(jnp.isfinite(dense(base[name])).all()))):
         why = "merging its adapter" if name in adapted else f"casting it to {np.dtype(dtype).name}"
         raise ValueError(
             f"{name!r}: holds NaN or Inf after {why}; refusing to save (safe=True). Check the "
             "adapter for non-finite values or overflow, or pass safe=False to save anyway."
         )
     out[name] = leaf
-  _write(path, out, {"format": PARAMS_FORMAT, "lora_jax_version": _version(), "merged": "true"})
+  _write("save_merged", path, out, {"format": PARAMS_FORMAT, "lora_jax_version": _version(), "merged": "true"})
   return os.fspath(path)
 
 

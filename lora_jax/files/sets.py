@@ -41,7 +41,8 @@ import sys
 import unicodedata
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from lora_jax.files.adapters import ADAPTERS_FILE, DIGEST_KEY, _version, load, save
+from lora_jax._multihost import multiprocess, once, tree_to_host
+from lora_jax.files.adapters import ADAPTERS_FILE, DIGEST_KEY, _encode, _version, _write_save, load
 from lora_jax.files.atomic import _HOST, _pid_alive, fsync_dir, write_json
 from lora_jax.files.checks import AdapterFileError, fail, names as _names, read_json, short
 from lora_jax.files.safetensors import read_header
@@ -317,6 +318,13 @@ def save_set(
     ValueError: a bad or duplicate name, an unknown ``default``, a directory holding other
       files, or any reason :func:`lora_jax.save` refuses an adapter (the message names it).
     TypeError: ``named`` is not a mapping; as :func:`lora_jax.save`.
+    OSError: the directory cannot be written (multi-process: on processes other than 0 also
+      when process 0 refused or failed to write it; its traceback gives the cause).
+
+  Multi-process (``jax.distributed.initialize``): call it from every process with the same
+  arguments. Every process gathers the adapters to the host and checks them (as
+  :func:`lora_jax.save`); process 0 alone writes the directory; every process returns once it
+  is in place.
 
   >>> import tempfile, os, jax, jax.numpy as jnp, lora_jax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -333,14 +341,26 @@ def save_set(
   metas = _per_adapter("save_set", "metadata", metadata, order)
   prefix = "save_set: "
 
+  def encode(name: str) -> Any:
+    one = specs if isinstance(specs, LoraSpec) or specs is None else specs.get(name)
+    try:
+      return _encode(named[name], one, metas.get(name), params)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"{prefix}adapter {name!r}: {e}") from None
+
+  encoded = {}
+  if multiprocess():  # every process gathers, checks and serialises; process 0 writes below
+    named = {name: tree_to_host(named[name]) for name in order}
+    encoded = {name: encode(name) for name in order}
+
   def fill(tmp: str) -> None:
     entries = {}
     for name in order:
       path = tmp if name == root else os.path.join(tmp, name)
-      one = specs if isinstance(specs, LoraSpec) or specs is None else specs.get(name)
       file = os.path.join(path, ADAPTERS_FILE)  # a file name: save would take "x.safetensors" itself for one
+      enc = encoded[name] if name in encoded else encode(name)
       try:
-        save(file, named[name], one, metas.get(name), params=params)
+        _write_save(file, enc)
       except (ValueError, TypeError) as e:
         raise type(e)(f"{prefix}adapter {name!r}: {e}") from None
       entries[name] = {"sha256": read_header(file)[1][DIGEST_KEY]}
@@ -352,7 +372,8 @@ def save_set(
   def foreign(target: str) -> str | None:
     return _foreign(target, {SET_INDEX, ADAPTERS_FILE}, {ADAPTERS_FILE}, lambda name: True)
 
-  return _replace_dir("save_set", directory, fill, foreign)
+  once(f"save_set({os.fspath(directory)!r})", lambda: _replace_dir("save_set", directory, fill, foreign))
+  return os.fspath(directory)
 
 
 def _read_index(directory: str) -> tuple[str, dict[str, str], str | None]:

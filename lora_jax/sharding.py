@@ -230,6 +230,11 @@ def shard_like(adapters: PyTree, params: PyTree, **kw: Any) -> PyTree:
   True
   """
   shardings = adapter_shardings(params, adapters, **kw)
-  return jax.tree.map(
-      lambda f, s: None if f is None else jax.device_put(f, s), adapters, shardings, is_leaf=is_adapter_or_none
-  )
+  from lora_jax._multihost import place  # jax.device_put, or per-process shards on a multi-host mesh
+
+  def put(f, s):
+    if f is None:
+      return None
+    return f.replace(**{n: place(x, getattr(s, n)) for n, x in f.leaves().items()})
+
+  return jax.tree.map(put, adapters, shardings, is_leaf=is_adapter_or_none)

@@ -135,3 +135,19 @@ def test_wrapped_shard_map_is_factored_on_one_device():
   np.testing.assert_allclose(outer(params, ad, x), want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
   report = lora_jax.explain(jax.shard_map(f, mesh=mesh, in_specs=(kspecs, P()), out_specs=P(None, "model")), params, ad, x)
   assert "up/kernel  io      dot_general: factored" in str(report), str(report)
+
+
+def test_adapter_specs_from_nnx_sharding_metadata():
+  import contextlib
+
+  from flax import nnx
+
+  lazy = getattr(nnx, "use_eager_sharding", None)  # flax >= 0.12 shards eagerly (needs a mesh)
+  with lazy(False) if lazy is not None else contextlib.nullcontext():
+    layer = nnx.Linear(4, 6, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp")),
+                       rngs=nnx.Rngs(0))
+  apply_fn, params, _ = lora_jax.from_nnx(layer)
+  ad = lora_jax.init(jax.random.key(1), params, lora_jax.LoraSpec("kernel", rank=2))
+  got = lora_jax.adapter_specs(nnx.get_partition_spec(params), ad)["kernel"]
+  got = getattr(got, "value", got)  # flax 0.10's states hold VariableState wrappers
+  assert (got.a, got.b) == (P("embed", None), P(None, "mlp"))

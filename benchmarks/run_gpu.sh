@@ -33,6 +33,9 @@
 #     PEFT_DECODE_VARIANTS replace the lists, DECODE_ONLY / PEFT_DECODE_ONLY filter them (globs);
 #     DECODE_ARGS adds arguments to both scripts (e.g. "--batch 64 --prompt 128 --new 128 --adapters 8,32,128");
 #     DECODE_ISOLATE=0 runs the lora_jax variants in one process (faster; peak memory then process-wide).
+#   sharded: the sharded LoRA step (issue 14, benchmarks/sharded_step.py) on one GPU: step time and XLA's
+#     per-device memory plan of the FSDP x TP step on a (1, 1) mesh, into $RES/sharded_step_$CONFIG.json
+#     (~1-2 min at tinyllama; SHARDED_BUDGET=150 caps it; SHARDED_DEVICES=1 lists the GPU counts to run)
 # Environment (all optional):
 #   OUT=/tmp/bench_out  BUDGET_S=540 (whole run)  CONFIG=tinyllama  RES=/tmp/bench_results (the JSON files)
 #   TRAIN_VARIANTS / PEFT_VARIANTS: comma-separated variant keys (default: each script's plan)
@@ -220,6 +223,10 @@ for stage in "${stages[@]}"; do
           echo "== decode: PEFT half skipped: time budget"
         fi
       fi ;;
+    sharded)  # the sharded LoRA step's 1-GPU figure (issue 14)
+      b=$(stage_budget "${SHARDED_BUDGET:-150}")
+      timeout $((b + 20)) $PY benchmarks/sharded_step.py --config "$CONFIG" --platform gpu \
+        --devices "${SHARDED_DEVICES:-1}" --timeout-s "$b" --out "$RES/sharded_step_$CONFIG.json" ;;
     inference)
       b=$(stage_budget "${INFER_BUDGET:-70}")
       timeout "$b" $PY benchmarks/inference.py --config "$CONFIG" --out "$RES/inference_$CONFIG.json" ;;

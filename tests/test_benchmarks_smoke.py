@@ -40,6 +40,8 @@ RUNS = {
     "train_step:quantized_init": ["--check-quantized-init", "nf4"],
     # Decoding with many adapters: one adapter merged and factored, a mixed batch (with its hot
     # swap) and the sequential loop it replaces; three new tokens, one timed call each.
+    # Sharded LoRA step on 1 and 2 CPU host devices (each in its own subprocess).
+    "sharded_step": ["--devices", "1,2", "--warmup", "1", "--iters", "2"],
     "decode": ["--variants", "lora_jax/merged,lora_jax/factored,lora_jax/mixed2@auto,lora_jax/loop2x4", "--new", "3",
                "--iters", "1"],
 }
@@ -278,3 +280,24 @@ def test_report_decode_section(results, tmp_path):
   assert "sequential loop (loop2x4)" in text and "hot swap" in text
   if "peft_decode" in results:
     assert "lora_jax mixed2@auto / PEFT mixed2@eager tokens/s" in text
+
+
+def test_sharded_step_json(results):
+  """The sharded step ran on 1 and 2 host devices; FSDP over 2 devices holds fewer argument
+  bytes per device than one device holds (the params are split, norms replicated), the
+  adapters kept their derived shardings through the donated steps, and only the 2-device
+  step has collectives."""
+  payload = results["sharded_step"]
+  _check_env(payload, "sharded_step")
+  rows = {r["devices"]: r for r in payload["rows"]}
+  assert set(rows) == {1, 2}
+  for n, r in rows.items():
+    assert "error" not in r, f"{n}: {r.get('error')}\n{r.get('traceback_tail')}"
+    assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 and r["shardings_kept"] is True
+    assert r["memory_per_device"]["argument_size"] > 0
+  one, two = rows[1], rows[2]
+  assert two["mesh"] == "fsdp2 x model1" and one["mesh"] == "fsdp1 x model1"
+  assert two["params_bytes_device0"] < 0.6 * one["params_bytes_device0"]
+  assert two["memory_per_device"]["argument_size"] < 0.8 * one["memory_per_device"]["argument_size"]
+  assert one["collective_bytes"]["total"] == 0 and two["collective_bytes"]["total"] > 0
+  assert one["loss_first"] == pytest.approx(two["loss_first"], rel=0.02)  # the same model and batch

@@ -50,6 +50,8 @@ class BenchConfig:
   iters: int
   matmul_n: int  # size of the square bf16 matmul that measures the peak
   chunk: int  # chunked cross-entropy: tokens per chunk in the tuned configs
+  # train_step's memory cap: 'best' is the fastest lora_jax all-linear tune whose peak fits
+  mem_cap_gib: float = 4.0
 
   @property
   def tokens(self) -> int:
@@ -78,7 +80,7 @@ CONFIGS = {
     "llama7b": BenchConfig(
         "llama7b", vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=32, mlp=11008,
         batch=4, seq=1024, dtype="bfloat16", attention="cudnn", warmup=2, iters=5,
-        matmul_n=8192, chunk=1024,
+        matmul_n=8192, chunk=1024, mem_cap_gib=18.0,
     ),
     # cpu-small with as many KV heads as heads (7B's multi-head attention): the CPU smoke
     # test's stand-in for llama7b.

@@ -94,8 +94,8 @@ def loss(
     q = dense(h, at["q_proj"]["kernel"], la.get("q_proj"), lo.get("q_proj"))
     k = dense(h, at["k_proj"]["kernel"], la.get("k_proj"), lo.get("k_proj"))
     v = dense(h, at["v_proj"]["kernel"], la.get("v_proj"), lo.get("v_proj"))
-    q = llama.apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
-    k = llama.apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
+    q = llama.apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin, c.rope_dtype)
+    k = llama.apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin, c.rope_dtype)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention_implementation)
     h = x + dense(o.reshape(b, t, -1), at["o_proj"]["kernel"], la.get("o_proj"))
@@ -118,6 +118,7 @@ def loss(
   hidden = _rms(x, p["norm"]["scale"], c.rms_norm_eps, dt)
   kernel = p["lm_head"]["kernel"]
   if chunk_size is None:
-    logits = jnp.dot(hidden, kernel.astype(dt), preferred_element_type=jnp.float32)
+    logits = llama._head(hidden, kernel, dt, c.logits_dtype)
     return llama.causal_lm_loss(logits, tokens)
-  return llama.chunked_causal_lm_loss(hidden, kernel, tokens, chunk_size=chunk_size, dtype=dt)
+  return llama.chunked_causal_lm_loss(hidden, kernel, tokens, chunk_size=chunk_size, dtype=dt,
+                                     logits_dtype=c.logits_dtype)

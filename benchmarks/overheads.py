@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   env = common.env_info("jax")
-  tune = train_step.tunes(cfg)[args.tune]
+  tune = train_step.tune_settings(args.tune, cfg)
   config = common.llama_config(cfg, remat=tune["remat"], remat_policy=tune["remat_policy"])
   model = llama.LlamaForCausalLM(config)
   tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq), 0, cfg.vocab, dtype=jnp.int32)

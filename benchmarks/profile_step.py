@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
 
   impl, targets, tune_name = train_step._parse_key(args.variant)
-  tune = train_step.tunes(cfg)[tune_name]
+  tune = train_step.tune_settings(tune_name, cfg)
   step, frozen, state, _, _, tokens = train_step.build(impl, targets, tune, cfg)
   compiled = step.lower(*frozen, *state, tokens).compile()
   hlo_text = compiled.as_text()

@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--budget-s", type=float, default=1e9)
   args = p.parse_args(argv)
   cfg = common.get_config(args.config)
-  if args.tune not in train_step.tunes(cfg):
-    raise SystemExit(f"--tune {args.tune!r}: expected one of {sorted(train_step.tunes(cfg))}")
+  try:
+    train_step.tune_settings(args.tune, cfg)
+  except ValueError as e:
+    raise SystemExit(f"--tune {args.tune!r}: {e}") from None
   if args.points:
     points = [(k, int(v)) for k, v in (x.split(":") for x in args.points.split(","))]
   else:

@@ -65,7 +65,6 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 RANK, ALPHA = 16, 32.0
-MEM_CAP_GIB = 4.0
 TARGETS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qv": ("q_proj", "v_proj"),
@@ -79,22 +78,55 @@ LORA_JAX_IMPLS = ("lora_jax", "lora_jax_merged", "lora_jax_nogroup", "lora_jax_d
 BUILD_INFO: dict[str, Any] = {}
 
 
+# Tune tokens, joined by '+' (``unroll2+keep_xa+hf``); ``default`` is the model's defaults.
+TUNE_TOKENS = {
+    "default": {},
+    "remat": dict(remat=True),
+    "noremat": dict(remat=False, remat_policy=None),
+    # remat saves the matmul outputs that have no batch dimension (the projections), recomputes the rest
+    "remat_dots": dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable"),
+    # lora_jax.remat_policy(): remat saves each adapter's thin x @ a product (nothing else)
+    "keep_xa": dict(remat=True, remat_policy="lora_jax.remat_policy()"),
+    "chunk": dict(chunk="cfg"),
+    "unroll2": dict(unroll=2),
+    "unroll4": dict(unroll=4),
+    "unroll_all": dict(unroll=0),
+    "unscanned": dict(scan_layers=False),  # one module per layer (no layer scan, no stacked params)
+    # Hugging Face's numerics: RoPE in the compute dtype, logits rounded to it before the float32 loss
+    "hf": dict(rope_dtype=None, logits_dtype=None),
+    # XLA flags (set in the variant's own process; ignored when variants run in one process)
+    "notriton": dict(xla_flags="--xla_gpu_enable_triton_gemm=false"),
+}
+_TUNE_DEFAULTS = dict(remat=True, remat_policy=None, chunk=None, unroll=1, scan_layers=True, rope_dtype="float32",
+                      logits_dtype="float32", xla_flags="")
+
+
+def tune_settings(name: str, cfg: common.BenchConfig) -> dict[str, Any]:
+  """The settings a tune name stands for: its '+'-joined tokens (:data:`TUNE_TOKENS`) applied
+  left to right over the model's defaults."""
+  out = dict(_TUNE_DEFAULTS)
+  for token in name.split("+"):
+    if token not in TUNE_TOKENS:
+      raise ValueError(f"unknown tune token {token!r} in {name!r}; expected tokens from {sorted(TUNE_TOKENS)}")
+    for k, v in TUNE_TOKENS[token].items():
+      out[k] = (f"{out[k]} {v}".strip() if k == "xla_flags" else cfg.chunk if v == "cfg" else v)
+  return out
+
+
 def tunes(cfg: common.BenchConfig) -> dict[str, dict[str, Any]]:
-  return {
-      "default": dict(remat=True, remat_policy=None, chunk=None, unroll=1),
-      "remat+chunk": dict(remat=True, remat_policy=None, chunk=cfg.chunk, unroll=1),
-      "remat_dots+chunk": dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable", chunk=cfg.chunk, unroll=1),
-      "noremat+chunk": dict(remat=False, remat_policy=None, chunk=cfg.chunk, unroll=1),
-      "unroll2": dict(remat=True, remat_policy=None, chunk=None, unroll=2),
-      "unroll_all": dict(remat=True, remat_policy=None, chunk=None, unroll=0),
-      "unroll_all+chunk": dict(remat=True, remat_policy=None, chunk=cfg.chunk, unroll=0),
-      # lora_jax.remat_policy(): remat saves each adapter's thin x @ a product (nothing else).
-      "unroll2+keep_xa": dict(remat=True, remat_policy="lora_jax.remat_policy()", chunk=None, unroll=2),
-  }
+  """The settings of every tune in this config's sweep (recorded in the JSON)."""
+  return {t: tune_settings(t, cfg) for t in sweep(cfg)}
+
+
+def sweep(cfg: common.BenchConfig) -> tuple[str, ...]:
+  """The lora_jax all-linear tunes measured first; ``best`` is picked among them."""
+  return SWEEPS.get(cfg.name, SWEEPS["default"])
 
 
 # unroll_all is left out: its compile took > 120 s on an H100 host (2026-11-23).
-SWEEP = ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2", "unroll2+keep_xa")
+SWEEPS = {
+    "default": ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2", "unroll2+keep_xa"),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +283,15 @@ def check_quantized_init(cfg: common.BenchConfig, formats: list[str], out: str) 
   return payload
 
 
+def llama_config(cfg: common.BenchConfig, tune: dict[str, Any], **overrides: Any):
+  """The model config a tune's settings give (:func:`tune_settings`)."""
+  kw = dict(remat=tune["remat"], remat_policy=tune["remat_policy"], scan_unroll=tune.get("unroll", 1),
+            scan_layers=tune.get("scan_layers", True), rope_dtype=tune.get("rope_dtype", "float32"),
+            logits_dtype=tune.get("logits_dtype", "float32"))
+  kw.update(overrides)
+  return common.llama_config(cfg, **kw)
+
+
 def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig, rank: int = RANK):
   """Returns ``(step, frozen, state, n_trainable, kind, tokens)``:
   ``step(*frozen, *state, tokens) -> (*state', loss)``, with ``state`` donated. ``kind`` is
@@ -265,7 +306,7 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
     import lora_jax
 
     policy = lora_jax.remat_policy()
-  config = common.llama_config(cfg, remat=tune["remat"], remat_policy=policy, scan_unroll=tune.get("unroll", 1))
+  config = llama_config(cfg, tune, remat_policy=policy)
   if impl == "lorax":
     config = config.replace(scan_layers=False)  # lorax adapts 2-D kernels only
   model = llama.LlamaForCausalLM(config)
@@ -394,7 +435,7 @@ def measure(impl: str, targets: str, tune_name: str, cfg: common.BenchConfig, pe
   """Builds, compiles and times one variant; returns its row."""
   import jax
 
-  tune = tunes(cfg)[tune_name]
+  tune = tune_settings(tune_name, cfg)
   row: dict[str, Any] = dict(impl=impl, targets=targets, tune=tune_name, rank=None if impl == "full" else rank, **tune)
   try:
     t0 = time.perf_counter()
@@ -448,11 +489,13 @@ def _parse_key(key: str) -> tuple[str, str, str]:
   return impl, targets, tune
 
 
-def pick_best(rows: list[dict[str, Any]]) -> str:
+def pick_best(rows: list[dict[str, Any]], cap_gib: float) -> str:
+  """The fastest tune among ``rows`` whose peak memory is at most ``cap_gib`` (the fastest
+  overall when none fits; ``default`` when none ran)."""
   ok = [r for r in rows if "error" not in r and r.get("tokens_per_s")]
   if not ok:
     return "default"
-  fits = [r for r in ok if r.get("peak_gib") is None or r["peak_gib"] <= MEM_CAP_GIB]
+  fits = [r for r in ok if r.get("peak_gib") is None or r["peak_gib"] <= cap_gib]
   pool = fits or ok
   return max(pool, key=lambda r: r["tokens_per_s"])["tune"]
 
@@ -521,13 +564,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rows: list[dict[str, Any]] = list(old_rows)
   payload = dict(
       benchmark="train_step", env=env, config=vars(cfg) | {"rank": args.rank, "alpha": ALPHA, "tunes": tunes(cfg)},
-      flop_note=common.FLOP_NOTE, mem_cap_gib=MEM_CAP_GIB, rows=rows,
+      flop_note=common.FLOP_NOTE, mem_cap_gib=cfg.mem_cap_gib, rows=rows,
   )
   if old_rows:
     payload["appended_to_rows_of_earlier_run"] = True
 
   def best() -> str:
-    return pick_best([r for r in rows if r.get("impl") == "lora_jax" and r.get("targets") == "all"])
+    return pick_best([r for r in rows if r.get("impl") == "lora_jax" and r.get("targets") == "all"], cfg.mem_cap_gib)
 
   def run(key: str) -> dict[str, Any]:
     impl, targets, tune = _parse_key(key)
@@ -542,10 +585,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       row = dict(impl=impl, targets=targets, tune=tune, skipped="time budget")
     elif inprocess:
       row = measure(impl, targets, tune, cfg, peak_tflops, args.rank)
+      if tune_settings(tune, cfg)["xla_flags"]:
+        row["xla_flags_ignored"] = "variants ran in one process"
     else:
       argv = [os.path.abspath(__file__), "--config", cfg.name, "--worker", key, "--rank", str(args.rank),
               "--peak-tflops", str(peak_tflops), "--warmup", str(cfg.warmup), "--iters", str(cfg.iters)]
-      row = common.run_worker(argv, common.worker_timeout(args, time.perf_counter() - t_start))
+      flags = tune_settings(tune, cfg)["xla_flags"]
+      wenv = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()} if flags else None
+      row = common.run_worker(argv, common.worker_timeout(args, time.perf_counter() - t_start), env=wenv)
     for k, v in (("impl", impl), ("targets", targets), ("tune", tune)):  # a worker that died wrote none
       row.setdefault(k, v)
     row["variant"] = key
@@ -562,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   keys = [k.strip() for k in args.variants.split(",")] if args.variants else default_plan()
   for key in keys:
     if key == "sweep":
-      for t in SWEEP:
+      for t in sweep(cfg):
         run(_key("lora_jax", "all", t))
     else:
       run(key)
@@ -571,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   common.write_json(out, payload)
   print()
   print_rows(rows)
-  print(f"best lora_jax all-linear tune (peak <= {MEM_CAP_GIB} GiB): {payload['best_tune']}")
+  print(f"best lora_jax all-linear tune (peak <= {cfg.mem_cap_gib} GiB): {payload['best_tune']}")
   print(f"wrote {out}")
   return payload
 

@@ -122,6 +122,15 @@ class LlamaConfig:
       callable, or ``None`` (save nothing but the layer inputs).
     attention_implementation: ``"xla"``, ``"cudnn"`` (flash attention, GPU, bf16/fp16) or
       ``None`` (JAX picks), passed to ``jax.nn.dot_product_attention``.
+    rope_dtype: the dtype RoPE's multiply-adds run in. ``float32`` (the default) rotates in
+      float32 and rounds once; ``None`` rotates in the compute dtype with ``cos``/``sin``
+      rounded to it, as Hugging Face's ``apply_rotary_pos_emb`` does (fewer bytes per element
+      in the fusions around attention, at bf16 rounding of each product).
+    logits_dtype: the dtype the output head's matmul writes (always accumulated in float32;
+      logits are returned, and the loss computed, in float32). ``float32`` (the default) keeps
+      the accumulator; ``None`` rounds the logits to the compute dtype first, as Hugging
+      Face's bf16 ``lm_head`` does: the head's backward then runs as compute-dtype GEMMs
+      instead of float32 (TF32 on GPUs) ones, and the ``(B, T, V)`` logits take half the bytes.
 
   >>> LlamaConfig.tiny(num_key_value_heads=None).num_key_value_heads
   4
@@ -147,6 +156,8 @@ class LlamaConfig:
   remat: bool = True
   remat_policy: str | Callable[..., Any] | None = None
   attention_implementation: str | None = None
+  rope_dtype: Any = jnp.float32
+  logits_dtype: Any = jnp.float32
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
@@ -176,6 +187,12 @@ class LlamaConfig:
       set_("rope_scaling", _rope_scaling_from_hf(self.rope_scaling))
     set_("dtype", jnp.dtype(self.dtype))
     set_("param_dtype", jnp.dtype(self.param_dtype))
+    for name in ("rope_dtype", "logits_dtype"):
+      value = getattr(self, name)
+      value = self.dtype if value is None else jnp.dtype(value)
+      if not jnp.issubdtype(value, jnp.floating):
+        raise ValueError(f"LlamaConfig({name}={getattr(self, name)!r}): expected a floating dtype or None.")
+      set_(name, value)
     if not isinstance(self.scan_unroll, (int, np.integer)) or self.scan_unroll < 0:
       raise ValueError(f"LlamaConfig(scan_unroll={self.scan_unroll!r}): expected an integer >= 0.")
     if isinstance(self.remat_policy, str) and self.remat_policy not in REMAT_POLICIES:
@@ -364,21 +381,23 @@ def rope_cos_sin(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+def apply_rope(x: Array, cos: Array, sin: Array, dtype: Any = jnp.float32) -> Array:
   """Rotary embedding with Hugging Face's ``rotate_half`` convention.
 
   Args:
     x: ``(B, T, heads, head_dim)``.
     cos: ``(B, T, head_dim)`` float32.
     sin: ``(B, T, head_dim)`` float32.
+    dtype: the dtype of the arithmetic (``x``, ``cos`` and ``sin`` are cast to it):
+      ``float32``, or ``x.dtype`` for Hugging Face's numerics (:attr:`LlamaConfig.rope_dtype`).
 
   Returns:
-    ``x`` rotated, computed in float32, in ``x.dtype``.
+    ``x`` rotated, in ``x.dtype``.
   """
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
+  xd = x.astype(dtype)
+  x1, x2 = jnp.split(xd, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  out = xd * cos[:, :, None, :].astype(dtype) + rotated * sin[:, :, None, :].astype(dtype)
   return out.astype(x.dtype)
 
 
@@ -472,8 +491,8 @@ class LlamaAttention(nn.Module):
     q = _dense(c, c.num_attention_heads * c.head_dim, "q_proj")(x)
     k = _dense(c, c.num_key_value_heads * c.head_dim, "k_proj")(x)
     v = _dense(c, c.num_key_value_heads * c.head_dim, "v_proj")(x)
-    q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
-    k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
+    q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin, c.rope_dtype)
+    k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin, c.rope_dtype)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     if kv is not None:
       out = _cached_attention(q, k, v, mask, *kv)
@@ -721,7 +740,7 @@ class LlamaForCausalLM(nn.Module):
 
   def logits(self, hidden: Array) -> Array:
     """Float32 logits ``(..., V)`` from hidden states (matmul in dtype, accumulated in f32)."""
-    return _head(hidden, self.head_kernel(), self.config.dtype)
+    return _head(hidden, self.head_kernel(), self.config.dtype, self.config.logits_dtype)
 
   def __call__(
       self, tokens: Array, positions: Array | None = None, attention_mask: Array | None = None
@@ -754,12 +773,16 @@ class LlamaForCausalLM(nn.Module):
     if chunk_size is None:
       return causal_lm_loss(self.logits(hidden), labels, mask)
     return chunked_causal_lm_loss(
-        hidden, self.head_kernel(), labels, mask, chunk_size=chunk_size, dtype=self.config.dtype
+        hidden, self.head_kernel(), labels, mask, chunk_size=chunk_size, dtype=self.config.dtype,
+        logits_dtype=self.config.logits_dtype,
     )
 
 
-def _head(hidden: Array, kernel: Array, dtype: Any) -> Array:
-  return jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+def _head(hidden: Array, kernel: Array, dtype: Any, logits_dtype: Any = jnp.float32) -> Array:
+  """Float32 logits of ``hidden @ kernel``: inputs in ``dtype``, accumulated in float32, the
+  product written in ``logits_dtype`` (a compute-dtype product keeps the backward's GEMMs in it)."""
+  out = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=logits_dtype)
+  return out.astype(jnp.float32)
 
 
 def lora_layout(config: LlamaConfig) -> dict[str, str] | None:
@@ -820,6 +843,7 @@ def chunked_causal_lm_loss(
     chunk_size: int = 1024,
     ignore_index: int = -100,
     dtype: Any = None,
+    logits_dtype: Any = jnp.float32,
 ) -> Array:
   """:func:`causal_lm_loss` of ``hidden @ kernel`` without forming all the logits at once.
 
@@ -834,6 +858,8 @@ def chunked_causal_lm_loss(
     chunk_size: tokens per chunk.
     ignore_index: label value that does not count.
     dtype: matmul input dtype (default: ``hidden.dtype``); accumulation is float32.
+    logits_dtype: the dtype the matmul writes before the float32 loss
+      (:attr:`LlamaConfig.logits_dtype`).
 
   Returns:
     A float32 scalar.
@@ -859,7 +885,7 @@ def chunked_causal_lm_loss(
 
   @jax.checkpoint
   def chunk_nll(h_c: Array, t_c: Array, v_c: Array) -> Array:
-    logits = _head(h_c, kernel, dtype)
+    logits = _head(h_c, kernel, dtype, logits_dtype)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], -1)[:, 0]
     return jnp.sum(jnp.where(v_c, nll, 0.0))
 

@@ -94,11 +94,13 @@ TUNE_TOKENS = {
     "unscanned": dict(scan_layers=False),  # one module per layer (no layer scan, no stacked params)
     # Hugging Face's numerics: RoPE in the compute dtype, logits rounded to it before the float32 loss
     "hf": dict(rope_dtype=None, logits_dtype=None),
+    # LlamaConfig(elementwise_remat=True): norms and SwiGLU save their bf16 inputs, recompute the rest
+    "ewremat": dict(elementwise_remat=True),
     # XLA flags (set in the variant's own process; ignored when variants run in one process)
     "notriton": dict(xla_flags="--xla_gpu_enable_triton_gemm=false"),
 }
 _TUNE_DEFAULTS = dict(remat=True, remat_policy=None, chunk=None, unroll=1, scan_layers=True, rope_dtype="float32",
-                      logits_dtype="float32", xla_flags="")
+                      logits_dtype="float32", elementwise_remat=False, xla_flags="")
 
 
 def tune_settings(name: str, cfg: common.BenchConfig) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def llama_config(cfg: common.BenchConfig, tune: dict[str, Any], **overrides: Any
   """The model config a tune's settings give (:func:`tune_settings`)."""
   kw = dict(remat=tune["remat"], remat_policy=tune["remat_policy"], scan_unroll=tune.get("unroll", 1),
             scan_layers=tune.get("scan_layers", True), rope_dtype=tune.get("rope_dtype", "float32"),
-            logits_dtype=tune.get("logits_dtype", "float32"))
+            logits_dtype=tune.get("logits_dtype", "float32"), elementwise_remat=tune.get("elementwise_remat", False))
   kw.update(overrides)
   return common.llama_config(cfg, **kw)
 

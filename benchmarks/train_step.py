@@ -125,10 +125,18 @@ def sweep(cfg: common.BenchConfig) -> tuple[str, ...]:
   return SWEEPS.get(cfg.name, SWEEPS["default"])
 
 
-# unroll_all is left out: its compile took > 120 s on an H100 host (2026-11-23).
+# unroll_all is left out: its compile took > 120 s on an H100 host (2026-11-23). The GPU sweeps
+# start with the fastest tunes of the H200 runs of 2026-12-02 (issue 17): one module per layer
+# without layer remat (no stacked residuals), the elementwise math recomputed, HF numerics.
+_FAST = ("unscanned+noremat+hf+ewremat+chunk", "unroll2+keep_xa+hf", "unscanned+noremat+hf+ewremat",
+         "noremat+hf+ewremat+chunk", "remat_dots+hf+ewremat+chunk", "unroll2+keep_xa", "default")
 SWEEPS = {
     "default": ("default", "remat+chunk", "remat_dots+chunk", "noremat+chunk", "unroll2", "unroll2+keep_xa"),
+    "tinyllama": _FAST,
+    "llama7b": _FAST,
 }
+# the fastest full fine-tuning tune measured (cuBLAS for every GEMM: Triton's thin-GEMM wins do not apply)
+FULL_FAST = "unscanned+noremat+hf+ewremat+notriton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +516,8 @@ def default_plan() -> list[str]:
   return [
       "sweep",
       _key("lora_jax", "qv", "best"),
+      _key("lora_jax", "qv", "unscanned+noremat+hf+ewremat"),
+      _key("full", "all", FULL_FAST),
       _key("handwritten", "all", "default"),
       _key("handwritten", "all", "best"),
       _key("handwritten_grouped", "all", "best"),

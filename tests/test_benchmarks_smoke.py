@@ -28,7 +28,8 @@ CFG = common.get_config("cpu-small")
 RUNS = {
     "train_step": [
         "--variants", "lora_jax/all@remat+chunk,handwritten/all@remat+chunk,lora_jax_nogroup/all@unroll2,handwritten_grouped/all@unroll2,"
-                      "lora_jax_dora/all@remat+chunk,lora_jax_dropout/all@remat+chunk,lora_jax_nf4/all@remat+chunk",
+                      "lora_jax_dora/all@remat+chunk,lora_jax_dropout/all@remat+chunk,lora_jax_nf4/all@remat+chunk,"
+                      "lora_jax/all@unscanned+noremat+hf+ewremat+chunk",
         "--warmup", "1", "--iters", "2",
     ],
     "inference": ["--ranks", "2", "--iters", "2"],
@@ -94,7 +95,9 @@ def test_train_step_json(results):
   rows = {r["variant"]: r for r in payload["rows"]}
   assert set(rows) == {"lora_jax/all@remat+chunk", "handwritten/all@remat+chunk", "lora_jax_nogroup/all@unroll2",
                        "handwritten_grouped/all@unroll2", "lora_jax_dora/all@remat+chunk", "lora_jax_dropout/all@remat+chunk",
-                       "lora_jax_nf4/all@remat+chunk"}
+                       "lora_jax_nf4/all@remat+chunk", "lora_jax/all@unscanned+noremat+hf+ewremat+chunk"}
+  fast = rows["lora_jax/all@unscanned+noremat+hf+ewremat+chunk"]  # the tune tokens reached the model
+  assert (fast["scan_layers"], fast["remat"], fast["elementwise_remat"], fast["logits_dtype"]) == (False, False, True, None)
   for key, r in rows.items():
     assert "error" not in r, f"{key}: {r.get('error')}\n{r.get('traceback_tail')}"
     for field in ("step_ms", "tokens_per_s", "mfu", "model_tflop", "trainable_params", "compile_s", "trace_s", "loss_first"):
@@ -110,6 +113,7 @@ def test_train_step_json(results):
   n = common.lora_param_count(CFG, 16, "all")
   assert common.train_flops(CFG, "dora", n, rank=16) > common.train_flops(CFG, "lora", n)  # + the column norm
   assert {r["unroll"] for r in rows.values()} == {1, 2}
+  rows.pop("lora_jax/all@unscanned+noremat+hf+ewremat+chunk")  # unscanned: other random params
   # The same loss at step 0 (same init, same model), grouped or not, by hand or by wrap; DoRA
   # (m = ||W|| at b = 0) and dropout (on the b = 0 path) start from the base model too.
   losses = [r["loss_first"] for r in [*rows.values(), dora]]
@@ -301,3 +305,46 @@ def test_sharded_step_json(results):
   assert two["memory_per_device"]["argument_size"] < 0.8 * one["memory_per_device"]["argument_size"]
   assert one["collective_bytes"]["total"] == 0 and two["collective_bytes"]["total"] > 0
   assert one["loss_first"] == pytest.approx(two["loss_first"], rel=0.02)  # the same model and batch
+
+
+def test_tune_tokens_compose():
+  from benchmarks import train_step  # noqa: PLC0415
+
+  t = train_step.tune_settings("unroll2+keep_xa+hf+notriton", CFG)
+  assert (t["unroll"], t["remat"], t["remat_policy"], t["rope_dtype"], t["logits_dtype"]) == (
+      2, True, "lora_jax.remat_policy()", None, None)
+  assert t["xla_flags"] == "--xla_gpu_enable_triton_gemm=false"
+  assert train_step.tune_settings("remat+chunk", CFG)["chunk"] == CFG.chunk
+  with pytest.raises(ValueError, match="unknown tune token 'fast'"):
+    train_step.tune_settings("unroll2+fast", CFG)
+
+
+def test_compare_pairs_at_matched_memory():
+  """compare.py: each PyTorch row meets the fastest lora_jax row of its family that fits in its
+  memory; fastest-vs-fastest flags a JAX side that needed more memory."""
+  from benchmarks import compare  # noqa: PLC0415
+
+  def jax_row(impl, targets, tune, ms, gib):
+    return dict(impl=impl, targets=targets, tune=tune, variant=f"{impl}/{targets}@{tune}", step_ms=ms, peak_gib=gib,
+                model_tflop=1.0, mfu=0.5)
+
+  def torch_row(impl, targets, mode, ms, gib):
+    return dict(impl=impl, targets=targets, mode=mode, variant=f"{impl}/{targets}@{mode}", step_ms=ms, peak_gib=gib)
+
+  jr = [jax_row("lora_jax", "all", "fast", 50.0, 7.5), jax_row("lora_jax", "all", "small", 60.0, 3.4),
+        jax_row("lora_jax", "qv", "fast", 40.0, 9.0), jax_row("full", "all", "fast", 55.0, 12.0),
+        dict(impl="lora_jax", targets="all", tune="broken", variant="x", error="boom")]
+  tr = [torch_row("peft_lora", "all", "compile", 80.0, 11.0), torch_row("peft_lora", "all", "compile+ckpt", 100.0, 3.9),
+        torch_row("peft_lora", "qv", "compile", 50.0, 8.0), torch_row("torch_full", "all", "compile", 64.0, 13.0),
+        torch_row("peft_lora", "all", "compile+ckpt+amp", 1.0, 1.0) | dict(autocast_bf16=True)]
+  out = compare.compare(jr, tr, cap_gib=4.0, datasheet_tflops=100.0)
+  fastest = {p["family"]: p for p in out["fastest"]}
+  assert fastest["lora/all"]["speedup"] == 1.6 and not fastest["lora/all"]["more_memory"]
+  assert fastest["lora/qv"]["more_memory"]  # 9 GiB against 8
+  matched = {(p["family"], p["torch"]["variant"]): p for p in out["matched_memory"]}
+  assert matched[("lora/all", "peft_lora/all@compile+ckpt")]["jax"]["variant"] == "lora_jax/all@small"
+  assert matched[("lora/all", "peft_lora/all@compile+ckpt")]["speedup"] == round(100 / 60, 3)
+  assert matched[("lora/qv", "peft_lora/qv@compile")]["jax"] is None  # nothing of ours fits in 8 GiB
+  assert out["best_under_cap"]["variant"] == "lora_jax/all@small"
+  assert out["lora_over_full"]["ratio"] == round(50 / 55, 3)
+  assert {m["family"]: m["mfu_datasheet"] for m in out["mfu"]}["lora/all"] == round(1.0 / 0.05 / 100.0, 4)

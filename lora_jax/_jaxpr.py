@@ -1,4 +1,5 @@
-"""Small helpers over jaxprs and call arguments shared by the transform and infer_layout."""
+"""Small helpers over jaxprs, traced values and call arguments shared by the transform,
+infer_layout and the adapter kinds."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ def scan_counts(params: dict) -> tuple[int, int]:
   ft = params["ft_in"]
   consts, carry, _ = ft.elts if hasattr(ft, "elts") else ft
   return len(consts), len(carry)
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (JAX 0.6-0.9: ``aval.vma``;
+  later: ``aval.manual_axis_type.varying``); empty outside it, and inside a body traced with
+  ``check_vma=False`` (which records none).
+
+  >>> varying_axes(np.ones(3))
+  frozenset()
+  """
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:  # pragma: no cover - JAX >= 0.6.2 has it
+    return frozenset()
+  t = typeof(x)
+  v = getattr(t, "vma", None)
+  if v is None:
+    v = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+  return frozenset(v or ())
 
 
 def is_dynamic(x: Any) -> bool:

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax._jaxpr import open_jaxpr, scan_counts
+from lora_jax._jaxpr import open_jaxpr, scan_counts, varying_axes
 from lora_jax.bases import BaseLeaf
-from lora_jax.kinds.dora import _varying_axes
 from lora_jax.interpret.report import Ctx
 from lora_jax.interpret.sites import CONSUMERS, DotSite, base_product, bind, grouped_first_products, rule_dot
 from lora_jax.interpret.views import STRUCTURAL, View, drop_label, relabel_after_drop, rule_dynamic_slice
@@ -194,7 +193,7 @@ def _rule_pvary(eqn, invals):
   def mark(x):
     if axes_key is None:
       return eqn.primitive.bind(x, **eqn.params)
-    have = _varying_axes(x)
+    have = varying_axes(x)
     axes = tuple(a for a in eqn.params[axes_key] if a not in have)
     if not axes:
       return x

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._jaxpr import varying_axes
 from lora_jax.bases import dense
 from lora_jax.kinds.base import Adapter, kernel_labels, leaf_labels, register_kind
 from lora_jax.kinds.inits import initial_factors
@@ -58,24 +59,11 @@ def _sum_over_split_fan_in(sq: Array, w: Array, ref: Array) -> Array:
   shard holds a partial sum over the fan-in, summed here over the axes ``w`` varies over and
   the fan-out-roled ``ref`` (``b`` or the magnitude) does not. Outside ``shard_map`` (or with
   ``check_vma=False``, which records no such axes) nothing is summed."""
-  vw = _varying_axes(w)
+  vw = varying_axes(w)
   if not vw:
     return sq
-  axes = tuple(sorted(vw - _varying_axes(ref)))
+  axes = tuple(sorted(vw - varying_axes(ref)))
   return jax.lax.psum(sq, axes) if axes else sq
-
-
-def _varying_axes(x: Array) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (JAX 0.6-0.9: ``aval.vma``;
-  later: ``aval.manual_axis_type.varying``); empty outside it."""
-  typeof = getattr(jax, "typeof", None)
-  if typeof is None:  # pragma: no cover - JAX >= 0.6.2 has it
-    return frozenset()
-  t = typeof(x)
-  v = getattr(t, "vma", None)
-  if v is None:
-    v = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-  return frozenset(v or ())
 
 
 def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Array:

@@ -1,5 +1,6 @@
 """Sharding: factor specs follow the kernel; training under sharded jit and pmap on 8 devices."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax
+from lora_jax.kinds import LoraFactors, register_kind
 from lora_jax.sharding import factor_specs
+
+from _util import assert_close
 
 
 @pytest.mark.parametrize(
@@ -135,6 +139,48 @@ def test_wrapped_shard_map_is_factored_on_one_device():
   np.testing.assert_allclose(outer(params, ad, x), want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
   report = lora_jax.explain(jax.shard_map(f, mesh=mesh, in_specs=(kspecs, P()), out_specs=P(None, "model")), params, ad, x)
   assert "up/kernel  io      dot_general: factored" in str(report), str(report)
+
+
+@register_kind
+@dataclasses.dataclass(frozen=True)
+class _WholeFanInLora(LoraFactors):
+  """Test-only kind: plain LoRA that declines shards of a split fan-in inside shard_map."""
+
+  KIND = "test_whole_fan_in_lora"
+
+  def shard_map_safe(self, split, tracked):
+    return "i" not in split
+
+
+@pytest.mark.skipif(not hasattr(jax, "shard_map"), reason="jax.shard_map (JAX >= 0.7)")
+def test_wrapped_shard_map_asks_the_kind_about_its_shards():
+  """The shard_map rule asks the kind (Adapter.shard_map_safe): a kind that declines a split
+  fan-in is materialised for the call, exactly; others (plain and prepared DoRA, also with
+  check_vma=False) stay factored. DoRA inside a check_vma=False body over a size-1 axis (which
+  cannot split the fan-in) does not raise."""
+  mesh = Mesh(jax.devices()[:1], ("model",))
+  params = {"up": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}
+  kspecs = {"up": {"kernel": P("model", None)}}  # the fan-in split (over one device)
+  x = jax.random.normal(jax.random.key(2), (4, 8))
+
+  def f(p, x):
+    return jax.lax.psum(x @ p["up"]["kernel"], "model")
+
+  g = jax.shard_map(f, mesh=mesh, in_specs=(kspecs, P(None, "model")), out_specs=P(), check_vma=False)
+  for kind in ("lora", "dora", "whole"):
+    ad = lora_jax.init(jax.random.key(1), params, lora_jax.LoraSpec(["up"], rank=2, kind="lora" if kind == "whole" else kind))
+    ad = jax.tree.map(lambda t: t + 0.5 if t.ndim == 2 else t, ad)
+    if kind == "whole":
+      ad = {"up": {"kernel": _WholeFanInLora(**vars(ad["up"]["kernel"]))}}
+    want = x @ lora_jax.merge(params, ad)["up"]["kernel"]
+    assert_close(lora_jax.wrap(g, fallback="allow")(params, ad, x), want, 1e-5, err_msg=kind)
+    (use,) = lora_jax.explain(g, params, ad, x).for_path("up/kernel")
+    assert (use.primitive, use.factored) == (("shard_map", False) if kind == "whole" else ("dot_general", True)), (kind, use)
+    if kind == "dora":
+      aspecs = lora_jax.adapter_specs(kspecs, ad)
+      inside = jax.shard_map(lora_jax.wrap(f, fallback="error"), mesh=mesh, in_specs=(kspecs, aspecs, P(None, "model")),
+                             out_specs=P(), check_vma=False)
+      assert_close(inside(params, ad, x), want, 1e-5, err_msg="dora inside, check_vma=False, one device")
 
 
 def test_adapter_specs_from_nnx_sharding_metadata():

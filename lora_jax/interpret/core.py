@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax._jaxpr import open_jaxpr, scan_counts
+from lora_jax._jaxpr import open_jaxpr, scan_counts, varying_axes
 from lora_jax.bases import BaseLeaf
-from lora_jax.kinds.dora import _varying_axes
 from lora_jax.interpret.report import Ctx
 from lora_jax.interpret.sites import CONSUMERS, DotSite, base_product, bind, grouped_first_products, rule_dot
 from lora_jax.interpret.views import STRUCTURAL, View, drop_label, relabel_after_drop, rule_dynamic_slice
@@ -194,7 +193,7 @@ def _rule_pvary(eqn, invals):
   def mark(x):
     if axes_key is None:
       return eqn.primitive.bind(x, **eqn.params)
-    have = _varying_axes(x)
+    have = varying_axes(x)
     axes = tuple(a for a in eqn.params[axes_key] if a not in have)
     if not axes:
       return x
@@ -314,20 +313,22 @@ def _rule_shard_map(ctx, eqn, *invals):
   the base plus its adapter leaves as extra inputs, each leaf axis that carries a kernel axis's
   label sharded as that kernel axis (the rank and bank axes replicated), so each shard of
   ``a @ b`` is exactly that shard of the update; the body is evaluated with the interpreter.
-  A view this cannot express (lazy view ops, a quantized base, DoRA with a split fan-in and no
-  varying-axis tracking) is materialised for the call, exactly."""
+  A view this cannot express (lazy view ops, a quantized base, an adapter whose kind declines
+  these shards: :meth:`lora_jax.kinds.Adapter.shard_map_safe`) is materialised for the call,
+  exactly."""
   p = eqn.params
   jaxpr, consts = open_jaxpr(p["jaxpr"])
   in_specs = p.get("in_specs")
   if in_specs is None or "out_specs" not in p:  # an older shard_map: in_names / out_names
     return bind(eqn, [ctx.materialize(x, "shard_map", "an older shard_map signature") if isinstance(x, View) else x for x in invals])
+  tracked = bool(p.get("check_vma", p.get("check_rep", False)))
   args, specs, metas = [], [], []
   for x, spec in zip(invals, in_specs):
     meta = None
     if isinstance(x, View):
       entries = _spec_entries(spec, len(x.shape))
-      fan_in_split = any(lab[0] == "i" and e is not None for lab, e in zip(x.axes, entries))
-      if x.ops or isinstance(x.base, BaseLeaf) or (fan_in_split and x.adapter.GROUP_LEAF is None and "m" in x.adapter.ROLES and not p.get("check_vma", p.get("check_rep", False))):
+      split = frozenset(lab[0] for lab, e in zip(x.axes, entries) if e is not None)
+      if x.ops or isinstance(x.base, BaseLeaf) or not x.adapter.shard_map_safe(split, tracked):
         x = ctx.materialize(x, "shard_map", "the kernel enters shard_map in a form whose shards cannot be derived")
       else:
         leaves = x.adapter.leaves()

@@ -169,6 +169,16 @@ class Adapter:
     The default returns the adapter unchanged."""
     return self
 
+  def shard_map_safe(self, split: frozenset[str], tracked: bool) -> bool:
+    """Whether a ``shard_map`` body may compute with this adapter's shards, its leaves split
+    as their kernel axes are (the other axes replicated) -- else the interpreter materialises
+    the kernel for the call. ``split``: the kernel roles (``'l'``, ``'i'``, ``'o'``) with an
+    axis split over the body's manual mesh axes; ``tracked``: whether the body records which
+    manual axes each value varies over (``check_vma=True``), so a kind can sum partial
+    results over the axes that split the kernel. The default, True, holds for every kind whose
+    term is a product of its leaves: each shard of it is that shard of the whole."""
+    return True
+
   @classmethod
   def check_target(cls, target: Any) -> None:
     """Raises ``ValueError`` naming ``target.path`` if this kind cannot adapt ``target``

@@ -16,6 +16,14 @@ Factored, nothing of size ``fan_in x fan_out`` is formed beyond what the base ma
 
 With ``lora_dropout_rng`` and ``dropout > 0`` it follows PEFT's DoRA forward exactly:
 ``op(x, W) + (g - 1) * op(x_d, W) + g * s * op(op(x_d, a), b)`` with ``x_d = dropout(x)``.
+
+Inside ``shard_map`` the fan-in of a kernel may be split across manual mesh axes; with
+``check_vma=True`` (the default) the partial norms are summed over exactly those axes, read off
+the values' varying-axes types. A body traced with ``check_vma=False`` (and ``jax.pmap``'s, on
+JAX >= 0.9) records no such types, so a split cannot be told from a whole kernel: computing the
+norm there raises :class:`ShardedNormError` whenever a manual axis of size > 1 exists, split or
+not. ``wrap`` of a ``shard_map``'d function is unaffected (the norms are computed on the whole
+kernels before the call).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._jaxpr import untracked_manual_axes, varying_axes
 from lora_jax.bases import dense
 from lora_jax.kinds.base import Adapter, kernel_labels, leaf_labels, register_kind
 from lora_jax.kinds.inits import initial_factors
@@ -53,29 +62,45 @@ def _as_matrices(w: Array, layout: str) -> tuple[Array, tuple[int, ...], tuple[i
   return w.reshape(int(np.prod(L)), int(np.prod(I)), int(np.prod(O))), tuple(L), tuple(O)
 
 
+class ShardedNormError(ValueError):
+  """DoRA's column norm was asked for where a split fan-in cannot be seen: inside a
+  ``shard_map`` body traced with ``check_vma=False`` (or ``jax.pmap``'s, on JAX >= 0.9) with a
+  manual mesh axis of size > 1. Raised whether or not the kernel is in fact split there (see
+  :func:`lora_jax._jaxpr.untracked_manual_axes`)."""
+
+
+def _blind(axes: tuple[str, ...], path: str | None = None, shape: tuple[int, ...] | None = None) -> ShardedNormError:
+  where = f"{path!r}: " if path is not None else ""
+  what = f" (here of a kernel shard of shape {shape})" if shape is not None else ""
+  over = f"manual mesh axes {axes}" if axes else "manual mesh axes"
+  return ShardedNormError(
+      f"{where}DoRA's column norm ||W + s*a@b||{what} sums over the kernel's fan-in, and here it is computed "
+      f"inside a shard_map body traced with check_vma=False ({over}; jax.pmap traces its function so too), "
+      "where a kernel shard cannot tell whether its fan-in is split over those axes: the norm could silently "
+      "miss the other shards. Keep check_vma=True (shard_map's default: the partial norms are then summed "
+      "over exactly the axes that split the fan-in), or wrap the shard_map'd (or pmap'd) function instead, "
+      "e.g. lora_jax.wrap(jax.shard_map(f, ...)), which computes the norms on the whole kernels."
+  )
+
+
 def _sum_over_split_fan_in(sq: Array, w: Array, ref: Array) -> Array:
   """Inside ``shard_map`` a kernel's fan-in may be split over manual mesh axes: then each
   shard holds a partial sum over the fan-in, summed here over the axes ``w`` varies over and
-  the fan-out-roled ``ref`` (``b`` or the magnitude) does not. Outside ``shard_map`` (or with
-  ``check_vma=False``, which records no such axes) nothing is summed."""
-  vw = _varying_axes(w)
-  if not vw:
+  the fan-out-roled ``ref`` (``b`` or the magnitude) does not. Outside ``shard_map`` nothing is
+  summed.
+
+  Raises:
+    ShardedNormError: inside a body that records no varying axes (``check_vma=False``) with a
+      manual axis of size > 1, which could split the fan-in unseen.
+  """
+  vw = varying_axes(w)
+  if not vw:  # not split, or split where it cannot be seen
+    blind = untracked_manual_axes()
+    if blind:
+      raise _blind(blind, shape=tuple(w.shape))
     return sq
-  axes = tuple(sorted(vw - _varying_axes(ref)))
+  axes = tuple(sorted(vw - varying_axes(ref)))
   return jax.lax.psum(sq, axes) if axes else sq
-
-
-def _varying_axes(x: Array) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (JAX 0.6-0.9: ``aval.vma``;
-  later: ``aval.manual_axis_type.varying``); empty outside it."""
-  typeof = getattr(jax, "typeof", None)
-  if typeof is None:  # pragma: no cover - JAX >= 0.6.2 has it
-    return frozenset()
-  t = typeof(x)
-  v = getattr(t, "vma", None)
-  if v is None:
-    v = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-  return frozenset(v or ())
 
 
 def column_norm(w: Array, a: Array, b: Array, scale: float, layout: str) -> Array:
@@ -195,7 +220,7 @@ class DoraFactors(Adapter):
     under a trace)."""
     d = self.delta()
     v = w.astype(d.dtype)
-    vv, p, q = (_column_dot(x, y, self.layout) for x, y in ((v, v), (v, d), (d, d)))
+    vv, p, q = (_sum_over_split_fan_in(_column_dot(x, y, self.layout), v, self.m) for x, y in ((v, v), (v, d), (d, d)))
     bn2 = jnp.square(self.base_norm.astype(d.dtype))
     disc = p * p - vv * (q - bn2)
     unique = q < bn2
@@ -213,13 +238,26 @@ class DoraFactors(Adapter):
   # --- the transform ------------------------------------------------------------------------------
 
   def prepare(self, base: Any) -> "DoraFactors":
+    """Computes the rescale ``m / ||W + s*a@b||`` of this call, once for the whole kernel.
+    Inside a ``shard_map`` body that does not track varying axes (``check_vma=False``) the
+    norm cannot be computed safely (see :class:`ShardedNormError`): the adapter is returned
+    unprepared, and the first site that reads it raises, naming the kernel's path (which
+    ``prepare`` is not told)."""
     if self.prepared:
+      return self
+    if untracked_manual_axes():
       return self
     return self.replace(m=self.rescale(dense(base)), prepared=True)
 
+  def shard_map_safe(self, split: frozenset[str], tracked: bool) -> bool:
+    # Prepared, the rescale is one value per output feature and shards with the fan-out;
+    # unprepared, its norm needs the whole fan-in, summed over split shards only where the
+    # body tracks varying axes.
+    return self.prepared or "i" not in split or tracked
+
   def contribute(self, site: Any) -> Array:
-    if not self.prepared:  # pragma: no cover - the transform prepares every adapter
-      raise RuntimeError(f"{site.path!r}: DoRA factors reached a site unprepared.")
+    if not self.prepared:  # prepare() declined: a shard_map body with check_vma=False
+      raise _blind(untracked_manual_axes(), path=site.path)
     g = self.m
     if not site.can_scale_out(self.labels("m")):
       return site.materialized(
@@ -263,4 +301,4 @@ class DoraFactors(Adapter):
     return f if new_w is None else (f, new_w)
 
 
-__all__ = ["DoraFactors", "along_kernel", "column_norm", "dense_column_norm"]
+__all__ = ["DoraFactors", "ShardedNormError", "along_kernel", "column_norm", "dense_column_norm"]

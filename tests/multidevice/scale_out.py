@@ -1,4 +1,4 @@
-"""Run in its own process with 8 host devices (see tests/test_scale_out.py).
+"""Run in its own process with 8 host devices (see tests/test_sharding.py).
 
 A linen model whose kernels carry logical axis names (``nn.with_logical_partitioning``), with a
 scanned stack (a layer axis), trained with LoRA on the meshes FSDP and tensor-parallel users
@@ -7,13 +7,13 @@ place from the logical rules; adapter shardings from the rules equal those deriv
 placed arrays and a hand-written expectation; adapters are created in place (jit with
 out_shardings: per-shard outputs, no collectives); a few AdamW steps equal the one-device run
 and keep every sharding; the compiled step gathers no more than the frozen model's
-forward + backward does; merge keeps the base's shardings. DoRA, an NF4 base and a bank of
-adapters (mixed batch) run on the fsdp x model mesh.
+forward + backward does (collectives read by benchmarks/hlo_collectives.py: each produced
+array, counted once per run, loop trip counts included); merge keeps the base's shardings.
+DoRA, an NF4 base and a bank of adapters (mixed batch) run on the fsdp x model mesh.
 """
 
 import os
 import sys
-from collections import Counter
 
 assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
 
@@ -26,9 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lora_jax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import assert_close  # noqa: E402
-from multidevice._collectives import collectives  # noqa: E402
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # tests/ (for _util) and the repository root (for benchmarks/)
+from _util import assert_close, assert_trees_close  # noqa: E402
+from benchmarks.hlo_collectives import collectives, multiset, total_bytes  # noqa: E402
 
 RTOL = 2e-4  # sharded vs one device: reductions split across devices, float32
 D, F, LAYERS, BATCH, FEAT = 64, 128, 2, 16, 32
@@ -90,7 +91,7 @@ def make_step(kind_apply, tx):
 
 
 def run(step, ad, opt, params, x, y, n=3):
-  f = jax.jit(step)
+  f = jax.jit(step)  # one trace: jit caches on `step`
   for _ in range(n):
     ad, opt, loss = f(ad, opt, params, x, y)
   return ad, opt, loss
@@ -105,8 +106,9 @@ def check_tree_shardings(tree, want, what):
     assert same_sharding(x.sharding, s, x.ndim), (what, jax.tree_util.keystr(path), x.sharding, s)
 
 
-def big(ops, threshold):
-  return Counter((op, n) for op, n, _ in ops if n >= threshold)
+def described(colls):
+  runs = sum(c.count for c in colls)
+  return f"{len(colls)} ops, {runs} runs, {total_bytes(colls)} B"
 
 
 def main():
@@ -115,24 +117,27 @@ def main():
   x, y = data()
   abstract = jax.eval_shape(model.init, jax.random.key(2), x)
   logical_specs = nn.get_partition_spec(abstract)
-  host_params = nn.unbox(model.init(jax.random.key(2), x))
+  host_params = nn.unbox(jax.jit(model.init)(jax.random.key(2), x))
   apply = lora_jax.wrap(model.apply)
   tx = optax.adamw(1e-2)
   step = make_step(apply, tx)
-  ref_ad0 = lora_jax.init(jax.random.key(3), host_params, SPEC)
-  ref_ad0 = jax.tree.map(lambda t: t + 0.05 if t.ndim and t.shape[-1] != 4 else t, ref_ad0)  # b != 0: the update matters
+  host_init = jax.jit(lambda p: lora_jax.init(jax.random.key(3), p, SPEC))(host_params)
+  ref_ad0 = jax.tree.map(lambda t: t + 0.05 if t.ndim and t.shape[-1] != 4 else t, host_init)  # b != 0: the update matters
   ref_ad, ref_opt, ref_loss = run(step, ref_ad0, tx.init(ref_ad0), host_params, x, y)
   # "Big": at least one (fan-in x fan-out) slice of the smallest adapted kernel; every adapter
   # (and its gradient) is smaller than that here.
   p = host_params["params"]
   min_kernel = min(p["inp"]["kernel"].size, p["layers"]["up"]["kernel"][0].size)
   assert all(v.size < min_kernel for v in jax.tree.leaves(ref_ad0))
+  # The model on the merged params and the wrapped model, side by side in one program.
+  merged_and_wrapped = jax.jit(lambda params, ad, x: (model.apply(lora_jax.merge(params, ad), x), apply(params, ad, x)))
+  placed = {}
 
   for name, (shape, axes, rules) in MESHES.items():
     mesh = Mesh(np.array(jax.devices()).reshape(shape), axes)
     shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
     # The params, created in place.
-    params = nn.unbox(jax.jit(model.init, out_shardings=shardings)(jax.random.key(2), x))
+    params = placed[name] = nn.unbox(jax.jit(model.init, out_shardings=shardings)(jax.random.key(2), x))
     # Adapter shardings: from the logical boxes + rules, from the placed arrays, by hand.
     abstract_ad = jax.eval_shape(lambda p: lora_jax.init(jax.random.key(3), p, SPEC), host_params)
     from_rules = lora_jax.adapter_shardings(abstract, jax.eval_shape(lambda p: lora_jax.init(jax.random.key(3), p, SPEC), abstract),
@@ -152,7 +157,7 @@ def main():
     init_fn = jax.jit(lambda p: lora_jax.init(jax.random.key(3), p, SPEC), out_shardings=from_arrays)
     compiled = init_fn.lower(params).compile()
     assert not collectives(compiled.as_text()), (name, collectives(compiled.as_text()))
-    ad0 = init_fn(params)
+    ad0 = compiled(params)
     check_tree_shardings(ad0, from_arrays, name + " init")
     per_device = sum(int(np.prod(s.shard_shape(l.shape))) * l.dtype.itemsize for l, s in zip(jax.tree.leaves(ad0), jax.tree.leaves(from_arrays)))
     mem = compiled.memory_analysis()
@@ -160,7 +165,7 @@ def main():
       # Per-device output bytes: the shards, plus the tuple's pointer table (8 B per output).
       n_out = len(jax.tree.leaves(ad0))
       assert per_device <= mem.output_size_in_bytes <= per_device + 8 * n_out, (name, mem.output_size_in_bytes, per_device)
-    for got, want in zip(jax.tree.leaves(ad0), jax.tree.leaves(lora_jax.init(jax.random.key(3), host_params, SPEC))):
+    for got, want in zip(jax.tree.leaves(ad0), jax.tree.leaves(host_init)):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # partitionable RNG: same values
 
     # Training: equals one device, keeps the shardings (adapters and optimizer state).
@@ -170,38 +175,42 @@ def main():
     opt0 = tx.init(ad0)
     ad, opt, loss = run(step, ad0, opt0, params, xs, ys)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(ref_ad)):
-      assert_close(a, b, RTOL)
+    assert_trees_close(ad, ref_ad, RTOL, err_msg=name)
     check_tree_shardings(ad, from_arrays, name + " trained adapters")
     mu = opt[0].mu
     check_tree_shardings(mu, from_arrays, name + " adam mu")
 
-    # Collectives: the LoRA step gathers no big array the frozen forward + backward does not.
+    # Collectives: every array of at least one kernel slice that the LoRA step's collectives
+    # produce, the frozen forward + backward produces as often per call (a multiset subset:
+    # combined collectives count each array, a collective in a scan's loop once per layer), so
+    # the step never gathers a kernel more than the frozen model does, nor moves W + s*a@b or
+    # a kernel-sized gradient. Smaller traffic (activations, the adapters' gradients) is free.
     lora_ops = collectives(jax.jit(step).lower(ad0, opt0, params, xs, ys).compile().as_text())
 
     def frozen(params, x, y):
       return jax.grad(lambda x: jnp.mean((model.apply(params, x) - y) ** 2))(x)
 
     frozen_ops = collectives(jax.jit(frozen).lower(params, xs, ys).compile().as_text())
-    extra = big(lora_ops, min_kernel) - big(frozen_ops, min_kernel)
-    assert not extra, (name, extra, big(frozen_ops, min_kernel))
-    nbytes = lambda ops: sum(b for _, _, b in ops)  # noqa: E731
-    print(f"{name}: collectives LoRA step {len(lora_ops)} ops {nbytes(lora_ops)} B; frozen fwd+bwd {len(frozen_ops)} ops {nbytes(frozen_ops)} B")
+    assert all(c.trips_known for c in lora_ops + frozen_ops), (name, lora_ops, frozen_ops)
+    big_frozen = multiset(frozen_ops, min_elements=min_kernel)
+    extra = multiset(lora_ops, min_elements=min_kernel) - big_frozen
+    assert not extra, (name, extra, big_frozen)
+    print(f"{name}: collectives LoRA step {described(lora_ops)}; frozen fwd+bwd {described(frozen_ops)}")
 
     # merge keeps the base's shardings, eagerly and under jit.
     for merged in (lora_jax.merge(params, ad), jax.jit(lora_jax.merge)(params, ad)):
       for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
         assert same_sharding(m.sharding, p.sharding, p.ndim), (name, m.sharding, p.sharding)
-    assert_close(model.apply(lora_jax.merge(params, ad), xs), apply(params, ad, xs), RTOL)
+    assert_close(*merged_and_wrapped(params, ad, xs), RTOL)
 
   # Other kinds on fsdp x model: DoRA, an NF4 base, a mixed batch over a bank.
-  shape, axes, rules = MESHES["fsdp4xmodel2"]
+  shape, axes, _ = MESHES["fsdp4xmodel2"]
   mesh = Mesh(np.array(jax.devices()).reshape(shape), axes)
-  params = nn.unbox(jax.jit(model.init, out_shardings=nn.logical_to_mesh_sharding(logical_specs, mesh, rules))(jax.random.key(2), x))
+  params = placed["fsdp4xmodel2"]
   batch_sh = NamedSharding(mesh, P("fsdp"))
   xs, ys = jax.device_put(x, batch_sh), jax.device_put(y, batch_sh)
   dora = lora_jax.LoraSpec(["up", "down"], rank=4, kind="dora", layout=LAYOUT)
-  d_host = lora_jax.init(jax.random.key(4), host_params, dora)
+  d_host = jax.jit(lambda p: lora_jax.init(jax.random.key(4), p, dora))(host_params)
   d_host = jax.tree.map(lambda t: t + 0.05 if t.ndim >= 2 else t, d_host)
   d_ref, _, d_loss = run(step, d_host, tx.init(d_host), host_params, x, y)
   d_sh = lora_jax.adapter_shardings(params, d_host)
@@ -210,8 +219,7 @@ def main():
   d0 = jax.device_put(d_host, d_sh)
   d_ad, _, d_loss_sh = run(step, d0, tx.init(d0), params, xs, ys)
   np.testing.assert_allclose(float(d_loss_sh), float(d_loss), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(d_ad), jax.tree.leaves(d_ref)):
-    assert_close(a, b, RTOL)
+  assert_trees_close(d_ad, d_ref, RTOL, err_msg="dora")
   check_tree_shardings(d_ad, d_sh, "dora")
 
   q_host = lora_jax.quantize(host_params, ["up", "down"], model.apply, x, format="nf4", block_size=16)
@@ -223,8 +231,7 @@ def main():
   assert qa_sh["params"]["layers"]["up"]["kernel"].b.sharding.spec == P(None, None, "model")
   q_ad, _, q_loss_sh = run(step, qa_sh, tx.init(qa_sh), q_sh, xs, ys)
   np.testing.assert_allclose(float(q_loss_sh), float(q_loss), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(q_ad), jax.tree.leaves(q_ref)):
-    assert_close(a, b, RTOL)
+  assert_trees_close(q_ad, q_ref, RTOL, err_msg="nf4")
 
   members = {k: jax.tree.map(lambda t: t + 0.1 * (i + 1), lora_jax.init(jax.random.key(6 + i), host_params, SPEC))
              for i, k in enumerate(("p", "q"))}
@@ -238,12 +245,12 @@ def main():
   def mixed_loss(bank, params, x, ids):
     return jnp.mean(apply(params, bank, x, adapter_ids=ids) ** 2)
 
-  ref_l, ref_g = jax.value_and_grad(mixed_loss)(bank, host_params, x, ids)
+  value_and_grad = jax.jit(jax.value_and_grad(mixed_loss))
+  ref_l, ref_g = value_and_grad(bank, host_params, x, ids)
   b0 = jax.device_put(bank, bank_sh)
-  l, g = jax.jit(jax.value_and_grad(mixed_loss))(b0, params, xs, ids_sh)
+  l, g = value_and_grad(b0, params, xs, ids_sh)
   np.testing.assert_allclose(float(l), float(ref_l), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
-    assert_close(a, b, RTOL)
+  assert_trees_close(g, ref_g, RTOL, err_msg="mixed batch grad")
   print("SCALE OUT OK", float(ref_loss))
 
 

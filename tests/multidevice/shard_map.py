@@ -5,9 +5,13 @@
 Megatron MLP (column-parallel up, row-parallel down with a psum) and a scanned two-layer
 stack, on (2, 4) and (4, 2) meshes; LoRA and DoRA (whose column norm sums the fan-in shards);
 outputs and gradients against the hand-merged unsharded reference; no materialisation.
+DoRA's unmerge inside a body sums its fan-in norms too. With ``check_vma=False``: a
+wrapped shard_map keeps DoRA exact (its norms are computed on the whole kernels), and DoRA
+inside such a body (or ``jax.pmap``'s) raises ``ShardedNormError``.
 """
 
 import os
+import re
 import sys
 
 assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
@@ -18,9 +22,10 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 import lora_jax  # noqa: E402
+from lora_jax.kinds.dora import ShardedNormError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import assert_close  # noqa: E402
+from _util import assert_close, assert_trees_close  # noqa: E402
 
 RTOL = 1e-4
 
@@ -61,6 +66,67 @@ CASES = {
 }
 
 
+def loss(f, x):
+  return lambda ad: jnp.sum(jnp.sin(f(ad, x)))
+
+
+def check(fns, ad, x, y_ref, g_ref, tag):
+  """Outputs and gradients of every ``fns[label](ad, x)`` against the reference, one compile."""
+  got = jax.jit(lambda ad: {k: (f(ad, x), jax.grad(loss(f, x))(ad)) for k, f in fns.items()})(ad)
+  for label, (y, g) in got.items():
+    assert_close(y, y_ref, RTOL, err_msg=f"{tag} {label}")
+    assert_trees_close(g, g_ref, RTOL, err_msg=f"{tag} {label} grad")
+
+
+def check_vma_off(mesh, x, keys):
+  """``check_vma=False``: DoRA around the shard_map is exact; inside it (and in pmap) it raises."""
+  fn, ref, make, kspecs, _ = CASES["mlp"]
+  params = make(keys)
+  ad = nonzero(lora_jax.init(jax.random.key(3), params, lora_jax.LoraSpec(["up", "down"], rank=4, kind="dora")))
+  aspecs = lora_jax.adapter_specs(kspecs, ad)
+  outer = lora_jax.wrap(jax.shard_map(fn, mesh=mesh, in_specs=(kspecs, P("data")), out_specs=P("data"), check_vma=False),
+                        fallback="error")
+
+  def want(ad, x):
+    return ref(lora_jax.merge(params, ad), x)
+
+  check({"around, check_vma=False": lambda ad, x: outer(params, ad, x)}, ad, x, want(ad, x), jax.grad(loss(want, x))(ad),
+        f"{mesh.devices.shape} mlp dora")
+
+  # Inside: 'up' (its fan-out split) comes first; a split or a whole fan-in cannot be told apart.
+  inside = jax.shard_map(lora_jax.wrap(fn), mesh=mesh, in_specs=(kspecs, aspecs, P("data")), out_specs=P("data"), check_vma=False)
+  blind = r"'up/kernel': DoRA's column norm .* check_vma=False \(manual mesh axes \('data', 'model'\); .* check_vma=True"
+  raises(blind, lambda: jax.eval_shape(inside, params, ad, x))
+  merged = jax.shard_map(lambda p, ad: lora_jax.merge(p, ad), mesh=mesh, in_specs=(kspecs, aspecs), out_specs=kspecs, check_vma=False)
+  # merge names the path (and raises it as a ValueError).
+  raises(r"'down/kernel': DoRA's column norm \|\|W \+ s\*a@b\|\| \(here of a kernel shard of shape \(8, 16\)\)",
+         lambda: jax.eval_shape(merged, params, ad), ValueError)
+  n = jax.device_count()
+  pmapped = jax.pmap(lora_jax.wrap(fn), axis_name="model", in_axes=(None, None, 0))
+  raises(r"'up/kernel': .*\(manual mesh axes \('model',\); jax.pmap", lambda: jax.eval_shape(pmapped, params, ad, x.reshape(n, -1, 16)))
+
+
+def unmerge_in_body(mesh, keys):
+  """DoRA's unmerge inside a (check_vma=True) body sums its fan-in norms over the split shards
+  of 'down': the merged shards unmerge to the base shards."""
+  _, _, make, kspecs, _ = CASES["mlp"]
+  params = make(keys)
+  ad = lora_jax.init(jax.random.key(3), params, lora_jax.LoraSpec(["up", "down"], rank=4, kind="dora"))
+  ad = jax.tree.map(lambda t: t + 0.03 if t.ndim >= 2 else t, ad)  # ||s*a@b|| < ||W||: unmerge is unique
+  aspecs = lora_jax.adapter_specs(kspecs, ad)
+  body = jax.shard_map(lambda p, ad: lora_jax.unmerge(lora_jax.merge(p, ad), ad), mesh=mesh, in_specs=(kspecs, aspecs), out_specs=kspecs)
+  assert_trees_close(jax.jit(body)(params, ad), params, RTOL, err_msg="unmerge in the body")
+
+
+def raises(pattern, thunk, cls=ShardedNormError):
+  try:
+    thunk()
+  except cls as e:
+    assert re.search(pattern, str(e)), (pattern, str(e))
+    return
+  raise AssertionError(f"no {cls.__name__} matching {pattern!r}")
+
+
 def main():
   assert jax.device_count() == 8
   x = jax.random.normal(jax.random.key(2), (8, 16))
@@ -87,17 +153,13 @@ def main():
         def want(ad, x, ref=ref):
           return ref(lora_jax.merge(params, ad), x)
 
-        loss = lambda f: lambda ad: jnp.sum(jnp.sin(f(ad, x)))  # noqa: E731
-        y_ref, g_ref = want(ad, x), jax.grad(loss(want))(ad)
-        for label, f in (("inside", inside), ("around", around)):
-          tag = f"{mesh_shape} {name} {kind} {label}"
-          assert_close(jax.jit(f)(ad, x), y_ref, RTOL, err_msg=tag)
-          g = jax.jit(jax.grad(loss(f)))(ad)
-          for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g_ref)):
-            assert_close(a, b, RTOL, err_msg=f"{tag} grad {jax.tree_util.keystr(path)}")
+        check({"inside": inside, "around": around}, ad, x, want(ad, x), jax.grad(loss(want, x))(ad), f"{mesh_shape} {name} {kind}")
         # The wrapped shard_map keeps the adapters factored: no dot with a kernel-sized adapter product.
         jaxpr = str(jax.make_jaxpr(around)(ad, x))
         assert "shard_map" in jaxpr
+    if mesh_shape == (2, 4):
+      check_vma_off(mesh, x, keys)
+      unmerge_in_body(mesh, keys)
   print("SHARD_MAP OK")
 
 

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 import lora_jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import assert_close  # noqa: E402
+from _util import assert_close, assert_trees_close  # noqa: E402
 
 RTOL = 1e-4  # sharded / pmapped training vs one device: reductions split across devices
 
@@ -89,16 +89,14 @@ def main():
   ys = jax.device_put(y, NamedSharding(mesh, P("data", None)))
   sh_ad, sh_loss = train(sharded, ad_sharded, xs, ys)
   np.testing.assert_allclose(float(sh_loss), float(ref_loss), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(sh_ad), jax.tree.leaves(ref_ad)):
-    assert_close(a, b, RTOL)
+  assert_trees_close(sh_ad, ref_ad, RTOL, err_msg="sharded jit")
   # The factors keep their shardings through training.
   assert sh_ad["params"]["up"]["kernel"].b.sharding.spec == P(None, "model")
 
   # pmap data parallel: same result as one device.
   pm_ad, pm_loss = train(params, adapters, x, y, pmap=True)
   np.testing.assert_allclose(float(pm_loss), float(ref_loss), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(pm_ad), jax.tree.leaves(ref_ad)):
-    assert_close(a, b, RTOL)
+  assert_trees_close(pm_ad, ref_ad, RTOL, err_msg="pmap")
   # PiSSA on the sharded kernels: the residual base keeps each kernel's sharding, eagerly and
   # under jit, and the output is unchanged at step 0.
   pissa = lora_jax.LoraSpec(["up", "down"], rank=4, init="pissa")
@@ -127,8 +125,7 @@ def main():
     ref_q_ad, ref_q_loss = train(q, adapters, x, y)
     sh_q_ad, sh_q_loss = train(q_sh, ad_q, xs, ys)
     np.testing.assert_allclose(float(sh_q_loss), float(ref_q_loss), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(sh_q_ad), jax.tree.leaves(ref_q_ad)):
-      assert_close(a, b, RTOL)
+    assert_trees_close(sh_q_ad, ref_q_ad, RTOL, err_msg=fmt)
     assert sh_q_ad["params"]["up"]["kernel"].b.sharding.spec == P(None, "model")
   print("MULTIDEVICE OK", float(ref_loss))
 

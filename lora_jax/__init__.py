@@ -5,6 +5,7 @@ from lora_jax.adapters import LoraCount, check_adapters, count, init, merge, spl
 from lora_jax.kinds import DoraFactors, LoraFactors
 from lora_jax.kinds.bank import LoraBank, bank_ids, bank_names, replace_adapter, stack, unstack
 from lora_jax.kinds.convert import to_original_base
+from lora_jax.kinds.dora import ShardedNormError
 from lora_jax.combination import combine
 from lora_jax.interop import NameMap, export_peft, import_peft
 from lora_jax.io import AdapterFileError, load, load_config, load_params, save, save_merged, save_params
@@ -58,6 +59,7 @@ __all__ = [
     "LoraFallbackError",
     "LoraFallbackWarning",
     "LoraLayoutWarning",
+    "ShardedNormError",
     "LoraSpec",
     "merge",
     "NameMap",

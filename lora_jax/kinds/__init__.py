@@ -13,12 +13,13 @@ from lora_jax.kinds.base import (
     registered_kinds,
 )
 from lora_jax.kinds.lora import LoraFactors, factor_shapes, kernel_delta, kernel_shape
-from lora_jax.kinds.dora import DoraFactors
+from lora_jax.kinds.dora import DoraFactors, ShardedNormError
 
 __all__ = [
     "Adapter",
     "check_layout",
     "DoraFactors",
+    "ShardedNormError",
     "factor_shapes",
     "is_adapter",
     "is_adapter_or_none",

@@ -79,7 +79,9 @@ def _blind(axes: tuple[str, ...], path: str | None = None, shape: tuple[int, ...
       "where a kernel shard cannot tell whether its fan-in is split over those axes: the norm could silently "
       "miss the other shards. Keep check_vma=True (shard_map's default: the partial norms are then summed "
       "over exactly the axes that split the fan-in), or wrap the shard_map'd (or pmap'd) function instead, "
-      "e.g. lora_jax.wrap(jax.shard_map(f, ...)), which computes the norms on the whole kernels."
+      "e.g. lora_jax.wrap(jax.shard_map(f, ...)), which computes the norms on the whole kernels. For data "
+      "parallelism, jax.jit with the batch sharded over a mesh (lora_jax.adapter_shardings) is exact and needs "
+      "neither."
   )
 
 

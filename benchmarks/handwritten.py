@@ -38,10 +38,9 @@ def init_adapters(key: jax.Array, params: dict[str, Any], targets: tuple[str, ..
   return out
 
 
-def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
-  x32 = x.astype(jnp.float32)
-  y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale.astype(dtype) * y.astype(dtype)
+def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype: Any, remat: bool = False) -> jax.Array:
+  # the model's own elementwise function (and its elementwise_remat), so both run the same math
+  return llama._elementwise(llama._rms_norm, remat)(x, scale, eps, dtype)
 
 
 def loss(
@@ -61,6 +60,8 @@ def loss(
   what grouping is worth before the transform does it. ``config.scan_unroll`` unrolls the scan.
   """
   c = config
+  if not c.scan_layers:
+    raise ValueError("handwritten.loss scans stacked layers: LlamaConfig(scan_layers=False) tunes are not supported")
   dt = c.dtype
   p = params["params"]
   b, t = tokens.shape
@@ -88,7 +89,7 @@ def loss(
     return dict(zip(present, parts))
 
   def layer(x, lp, la):
-    h = _rms(x, lp["input_layernorm"]["scale"], c.rms_norm_eps, dt)
+    h = _rms(x, lp["input_layernorm"]["scale"], c.rms_norm_eps, dt, c.elementwise_remat)
     at, mlp = lp["self_attn"], lp["mlp"]
     lo = lows(h, la, ("q_proj", "k_proj", "v_proj"))
     q = dense(h, at["q_proj"]["kernel"], la.get("q_proj"), lo.get("q_proj"))
@@ -99,10 +100,11 @@ def loss(
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention_implementation)
     h = x + dense(o.reshape(b, t, -1), at["o_proj"]["kernel"], la.get("o_proj"))
-    g = _rms(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps, dt)
+    g = _rms(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps, dt, c.elementwise_remat)
     lo = lows(g, la, ("gate_proj", "up_proj"))
-    up = jax.nn.silu(dense(g, mlp["gate_proj"]["kernel"], la.get("gate_proj"), lo.get("gate_proj"))) * dense(
-        g, mlp["up_proj"]["kernel"], la.get("up_proj"), lo.get("up_proj")
+    up = llama._elementwise(llama._swiglu, c.elementwise_remat)(
+        dense(g, mlp["gate_proj"]["kernel"], la.get("gate_proj"), lo.get("gate_proj")),
+        dense(g, mlp["up_proj"]["kernel"], la.get("up_proj"), lo.get("up_proj")),
     )
     return (h + dense(up, mlp["down_proj"]["kernel"], la.get("down_proj"))).astype(dt)
 
@@ -115,7 +117,7 @@ def loss(
 
   x = p["embed_tokens"]["embedding"][tokens].astype(dt)
   x, _ = lax.scan(body, x, (p["layers"], adapters), unroll=c.scan_unroll or c.num_hidden_layers)
-  hidden = _rms(x, p["norm"]["scale"], c.rms_norm_eps, dt)
+  hidden = _rms(x, p["norm"]["scale"], c.rms_norm_eps, dt, c.elementwise_remat)
   kernel = p["lm_head"]["kernel"]
   if chunk_size is None:
     logits = llama._head(hidden, kernel, dt, c.logits_dtype)

@@ -376,6 +376,9 @@ def build(impl: str, targets: str, tune: dict[str, Any], cfg: common.BenchConfig
   if impl in ("handwritten", "handwritten_grouped"):
     from benchmarks import handwritten
 
+    if not config.scan_layers:
+      raise ValueError(f"{impl}: the hand-written step scans stacked layers; 'unscanned' tunes are not supported")
+
     adapters = handwritten.init_adapters(jax.random.key(2), params, TARGETS[targets], rank)
     loss_fn = functools.partial(handwritten.loss, config=config, scale=ALPHA / rank, chunk_size=chunk,
                                 group=impl == "handwritten_grouped")

@@ -122,7 +122,7 @@ def _load(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
   return rows, envs
 
 
-def print_report(result: dict[str, Any]) -> str:
+def print_report(result: dict[str, Any], echo: bool = True) -> str:
   lines = []
   fmt = lambda r: "-" if r is None else f"{r['variant']} {r['step_ms']:.1f} ms, {common.fmt(r.get('peak_gib'), '.2f')} GiB"  # noqa: E731
   lines.append("fastest vs fastest (speedup = PyTorch step / lora_jax step):")
@@ -140,7 +140,8 @@ def print_report(result: dict[str, Any]) -> str:
     lines.append(f"MFU {m['family']:9s} {common.fmt(m['mfu_measured_peak'], '.1%')} of the measured peak "
                  f"({common.fmt(m['measured_peak_tflops'], '.0f')} TFLOP/s), {common.fmt(m['mfu_datasheet'], '.1%')} of the datasheet  [{m['variant']}]")
   text = "\n".join(lines)
-  print(text)
+  if echo:
+    print(text)
   return text
 
 

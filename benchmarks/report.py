@@ -641,6 +641,16 @@ def main(argv: list[str] | None = None) -> str:
   if os.path.exists(notes):
     with open(notes) as f:
       parts += ["## Notes", "", f.read().strip(), ""]
+  pairs = [(n, _load(res, "compare", n)) for n in dict.fromkeys((args.config, args.big_config))]
+  pairs = [(n, c) for n, c in pairs if c]
+  if pairs:  # benchmarks/compare.py: the pairs of issue 17, each size from one machine
+    from benchmarks import compare  # noqa: PLC0415
+
+    parts += ["## lora_jax vs PyTorch: fastest and matched-memory pairs", ""]
+    for n, c in pairs:
+      files = ", ".join(f"`{os.path.basename(f)}`" for f in c.get("train_files", []) + c.get("peft_files", []))
+      parts += [f"**{n}** on {', '.join(map(str, c.get('devices', [])))}, {', '.join(c.get('dates', []))} "
+                f"(commit {', '.join(c.get('commits', []))}; from {files}):", "", "```", compare.print_report(c, echo=False), "```", ""]
   parts += ["## Targets", ""]
   ttext, _ = targets_table(train, peft)
   parts += [ttext, ""]

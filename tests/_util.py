@@ -87,3 +87,8 @@ def random_params(init_fn, *args, seed=0, **kwargs):
     return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
 
   return jax.tree.map(fill, shapes)
+
+
+def normal(seed, shape, dtype=jnp.float32):
+  """Standard-normal test data from NumPy (a ``jax.random.normal`` compiles once per shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)

@@ -68,3 +68,27 @@ def assert_far(actual, other, rtol, *, factor=100.0):
   diff = float(np.max(np.abs(_f64(actual) - _f64(other))))
   tol = tolerance(actual, rtol)
   assert diff >= factor * tol, f"the effect ({diff:.3g}) is not {factor}x the tolerance ({tol:.3g})"
+
+
+def random_params(init_fn, *args, seed=0, **kwargs):
+  """``init_fn(key, *args, **kwargs)``'s tree (e.g. a Flax ``model.init``), traced abstractly
+  and filled with NumPy draws: no compilation per parameter shape, which a model's own
+  initializers (a jitted truncated normal per shape) cost. Each float leaf is drawn with std
+  ``1/sqrt(fan_in)`` (all axes but the last); other leaves are zeros."""
+  import jax  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda k: init_fn(k, *args, **kwargs), jax.random.key(0))
+
+  def fill(s):
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+      return jnp.zeros(s.shape, s.dtype)
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+
+  return jax.tree.map(fill, shapes)
+
+
+def normal(seed, shape, dtype=jnp.float32):
+  """Standard-normal test data from NumPy (a ``jax.random.normal`` compiles once per shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)

@@ -13,7 +13,7 @@ import pytest
 import lora_jax
 from lora_jax import DoraFactors, LoraSpec
 from lora_jax.kinds import is_adapter
-from tests._util import assert_close, assert_far, assert_trees_close
+from tests._util import assert_close, assert_far, assert_trees_close, random_params
 
 
 def _perturb(adapters, seed=0, std=0.3, mag=0.3):
@@ -132,8 +132,9 @@ def test_factored_equals_merged_equals_float64_reference(net):
 def test_gradients_match_merged_and_detach_the_norm(net):
   model, v, ad = net
   loss = lambda fn: lambda a: _probe(fn(v, a, X))  # noqa: E731
-  g_fact = jax.grad(loss(lora_jax.wrap(model.apply)))(ad)
-  g_merged = jax.grad(loss(lora_jax.wrap(model.apply, mode="merged")))(ad)
+  grad = lambda f: jax.jit(jax.grad(f))  # noqa: E731 - one compilation each, not one per op
+  g_fact = grad(loss(lora_jax.wrap(model.apply)))(ad)
+  g_merged = grad(loss(lora_jax.wrap(model.apply, mode="merged")))(ad)
   assert_trees_close(g_fact, g_merged, 1e-4)
 
   # An independent reference: W' = m * V / sg(||V||) written out here, per kernel, in float32.
@@ -154,7 +155,7 @@ def test_gradients_match_merged_and_detach_the_norm(net):
 
     return model.apply(tree_from_entries(v, [one(w, f) for _, w, f in rows]), X)
 
-  g_ref = jax.grad(lambda a: _probe(ref_apply(a)))(ad)
+  g_ref = grad(lambda a: _probe(ref_apply(a)))(ad)
   assert_trees_close(g_fact, g_ref, 1e-4)
   # Without the detach the gradients of a and b differ: the test can tell.
   f, fr = g_fact["params"]["inp"]["kernel"], None
@@ -172,7 +173,7 @@ def test_gradients_match_merged_and_detach_the_norm(net):
 
     return model.apply(tree_from_entries(v, [one(w, f) for _, w, f in rows]), X)
 
-  fr = jax.grad(lambda a: _probe(undetached(a)))(ad)["params"]["inp"]["kernel"]
+  fr = grad(lambda a: _probe(undetached(a)))(ad)["params"]["inp"]["kernel"]
   assert_far(f.a, fr.a, 1e-4, factor=10)
   # base_norm is frozen: it gets no gradient from the transform.
   assert float(jnp.max(jnp.abs(g_fact["params"]["inp"]["kernel"].base_norm))) == 0.0
@@ -180,19 +181,20 @@ def test_gradients_match_merged_and_detach_the_norm(net):
 
 def test_convolutions_plain_and_depthwise():
   model = ConvNet()
-  v = model.init(jax.random.key(0), XC)
+  v = random_params(model.init, XC)  # NumPy draws: no jitted initializer per kernel shape
+  apply = jax.jit(model.apply)
   spec = LoraSpec(["conv", "depthwise", "pointwise"], rank=2, alpha=4, kind="dora")
   ad = _perturb(lora_jax.init(jax.random.key(1), v, spec, model.apply, XC))
   f = ad["params"]["conv"]["kernel"]
   assert f.layout == "iiio" and f.m.shape == (6,)
   y = lora_jax.wrap(model.apply)(v, ad, XC)
   ref = _reference_params(v, ad)
-  assert_close(y, model.apply(ref, XC), 2e-5)
-  assert_close(y, model.apply(lora_jax.merge(v, ad), XC), 2e-5)
+  assert_close(y, apply(ref, XC), 2e-5)
+  assert_close(y, apply(lora_jax.merge(v, ad), XC), 2e-5)
   uses = {u.path: u for u in lora_jax.explain(model.apply, v, ad, XC).uses}
   assert uses["params/conv/kernel"].factored and uses["params/pointwise/kernel"].factored
-  g1 = jax.grad(lambda a: _probe(lora_jax.wrap(model.apply)(v, a, XC)))(ad)
-  g2 = jax.grad(lambda a: _probe(lora_jax.wrap(model.apply, mode="merged")(v, a, XC)))(ad)
+  g1 = jax.jit(jax.grad(lambda a: _probe(lora_jax.wrap(model.apply)(v, a, XC))))(ad)
+  g2 = jax.jit(jax.grad(lambda a: _probe(lora_jax.wrap(model.apply, mode="merged")(v, a, XC))))(ad)
   assert_trees_close(g1, g2, 1e-4)
 
 
@@ -202,12 +204,12 @@ def test_float64_exact():
   try:
     model = Net()
     x = X.astype(jnp.float64)
-    v = jax.tree.map(lambda t: t.astype(jnp.float64), model.init(jax.random.key(0), x))
+    v = jax.tree.map(lambda t: jnp.asarray(np.asarray(t), jnp.float64), random_params(model.init, x))
     spec = LoraSpec(["inp", "heads", "mix", "mlp", "q"], rank=2, alpha=4, kind="dora", dtype=jnp.float64)
     ad = _perturb(lora_jax.init(jax.random.key(1), v, spec, model.apply, x))
     y = lora_jax.wrap(model.apply, fallback="error")(v, ad, x)
     assert y.dtype == jnp.float64
-    assert_close(y, model.apply(_reference_params(v, ad), x), 1e-12)
+    assert_close(y, jax.jit(model.apply)(_reference_params(v, ad), x), 1e-12)
   finally:
     jax.config.update("jax_enable_x64", prev)
 

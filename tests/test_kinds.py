@@ -6,6 +6,7 @@ vmapped row lookup) are factored and exact."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -21,6 +22,7 @@ import lora_jax
 from lora_jax import LoraSpec
 from lora_jax.bases import BaseLeaf
 from lora_jax.kinds import Adapter, LoraFactors, factor_shapes, kernel_delta, register_kind
+from tests._util import normal, random_params
 
 
 @register_kind
@@ -57,9 +59,10 @@ class GainLora(Adapter):
 
 
 def _random(adapters, seed=0, std=0.3):
+  """Every leaf redrawn (NumPy: no compilation per shape); ``adapters`` may be abstract."""
+  rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  return jax.tree.unflatten(treedef, [jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for x in leaves])
 
 
 def _probe_loss(out):
@@ -91,16 +94,22 @@ class Stack(nn.Module):
     return q * k
 
 
-X = jax.random.normal(jax.random.key(5), (4, 6))
+X = normal(5, (4, 6))
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_vars():
+  return random_params(Stack().init, X)
 
 
 def _gain_adapters(v, rank=2):
   spec = LoraSpec(["inp", "mlp", "q", "k"], rank=rank, alpha=4, kind=GainLora, layout={"params/layers/mlp/kernel": "lio"})
-  return _random(lora_jax.init(jax.random.key(1), v, spec))
+  # Abstract init (the kind's init traced, no draws to compile): every leaf is redrawn anyway.
+  return _random(jax.eval_shape(lambda v: lora_jax.init(jax.random.key(1), v, spec), v))
 
 
 def test_a_second_kind_merges_counts_and_checks_from_its_roles():
-  v = Stack().init(jax.random.key(0), X)
+  v = _stack_vars()
   ad = _gain_adapters(v)
   f = ad["params"]["layers"]["mlp"]["kernel"]
   assert isinstance(f, GainLora) and f.a.shape == (3, 8, 2) and f.b.shape == (3, 2, 8) and f.g.shape == (3, 8)
@@ -125,21 +134,22 @@ def test_a_second_kind_merges_counts_and_checks_from_its_roles():
 
 
 def test_a_second_kind_trains_through_wrap_with_its_extra_leaf():
-  v = Stack().init(jax.random.key(0), X)
+  v = _stack_vars()
   ad = _gain_adapters(v)
   wrapped = lora_jax.wrap(Stack().apply)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no fallback, no layout warning
     y = wrapped(v, ad, X)
-  _rel_close(y, Stack().apply(lora_jax.merge(v, ad), X))
+  merged_apply = jax.jit(lambda ad: Stack().apply(lora_jax.merge(v, ad), X))
+  _rel_close(y, merged_apply(ad))
   rep = lora_jax.explain(Stack().apply, v, ad, X)
   assert not rep.fallbacks and not rep.unused and ["params/q/kernel", "params/k/kernel"] in rep.grouped
 
   def loss(fn):
     return lambda ad: _probe_loss(fn(ad))
 
-  g_f = jax.grad(loss(lambda ad: wrapped(v, ad, X)))(ad)
-  g_m = jax.grad(loss(lambda ad: Stack().apply(lora_jax.merge(v, ad), X)))(ad)
+  g_f = jax.jit(jax.grad(loss(lambda ad: wrapped(v, ad, X))))(ad)
+  g_m = jax.jit(jax.grad(loss(merged_apply)))(ad)
   for x, y_ in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m)):
     _rel_close(x, y_, rtol=1e-4)
   assert float(jnp.abs(g_f["params"]["layers"]["mlp"]["kernel"].g).max()) > 0
@@ -170,7 +180,7 @@ def test_a_second_kind_trains_through_wrap_with_its_extra_leaf():
 
 
 def test_a_second_kind_saves_and_loads_bit_exactly(tmp_path):
-  v = Stack().init(jax.random.key(0), X)
+  v = _stack_vars()
   ad = _gain_adapters(v)
   lora_jax.save(str(tmp_path / "run"), ad, params=v)
   back = lora_jax.load(str(tmp_path / "run"), v)
@@ -182,7 +192,7 @@ def test_a_second_kind_saves_and_loads_bit_exactly(tmp_path):
 
 def test_a_second_kind_takes_shardings_from_its_roles():
   mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
-  v = Stack().init(jax.random.key(0), X)
+  v = _stack_vars()
   ad = _gain_adapters(v)
   kernel = v["params"]["layers"]["mlp"]["kernel"]
   placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), v)
@@ -213,7 +223,7 @@ class Int8Kernel(BaseLeaf):
 
 def test_a_base_leaf_is_one_leaf_and_is_dequantized_at_the_use():
   model = nn.Dense(5)
-  v = model.init(jax.random.key(0), X)
+  v = random_params(model.init, X, seed=0)
   w = v["params"]["kernel"]
   s = jnp.abs(w).max(0) / 127
   qv = {"params": {"kernel": Int8Kernel(jnp.round(w / s).astype(jnp.int8), s), "bias": v["params"]["bias"]}}
@@ -221,7 +231,7 @@ def test_a_base_leaf_is_one_leaf_and_is_dequantized_at_the_use():
   spec = LoraSpec(["params"], rank=2)
   # Paths and target selection see one leaf, 'params/kernel', with the dense shape and dtype.
   assert [t.path for t in spec.resolve(qv)] == ["params/kernel"]
-  ad = _random(lora_jax.init(jax.random.key(1), qv, spec))
+  ad = _random(jax.eval_shape(lambda p: lora_jax.init(jax.random.key(1), p, spec), qv))
   assert ad["params"]["kernel"].a.shape == (6, 2)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -239,14 +249,15 @@ def test_a_base_leaf_is_one_leaf_and_is_dequantized_at_the_use():
 
 def _check_wrap(fn, params, spec, *args, rtol=2e-5, expect=("factored",), traced=True):
   init_args = (fn, *args) if traced else ()
-  ad = _random(lora_jax.init(jax.random.key(1), params, spec, *init_args), std=0.5)
+  ad = _random(jax.eval_shape(lambda p: lora_jax.init(jax.random.key(1), p, spec, *init_args), params), std=0.5)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     y = jax.jit(lora_jax.wrap(fn))(params, ad, *args)
-  _rel_close(y, fn(lora_jax.merge(params, ad), *args), rtol)
+  _rel_close(y, jax.jit(lambda ad: fn(lora_jax.merge(params, ad), *args))(ad), rtol)
   loss_f = lambda ad: _probe_loss(lora_jax.wrap(fn)(params, ad, *args))  # noqa: E731
   loss_m = lambda ad: _probe_loss(fn(lora_jax.merge(params, ad), *args))  # noqa: E731
-  for x, y_ in zip(jax.tree.leaves(jax.grad(loss_f)(ad)), jax.tree.leaves(jax.grad(loss_m)(ad))):
+  grad = lambda f: jax.jit(jax.grad(f))(ad)  # noqa: E731 - one compilation, not one per op
+  for x, y_ in zip(jax.tree.leaves(grad(loss_f)), jax.tree.leaves(grad(loss_m))):
     _rel_close(x, y_, max(rtol, 1e-4))
   rep = lora_jax.explain(fn, params, ad, *args)
   hows = ["factored" if u.factored else "merged" if u.merged else "materialised" for u in rep.uses]
@@ -259,23 +270,23 @@ def test_conv_in_float64():
   jax.config.update("jax_enable_x64", True)
   try:
     model = nn.Conv(4, (3, 3), dtype=jnp.float64, param_dtype=jnp.float64)
-    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3), jnp.float64)
-    v = model.init(jax.random.key(1), x)
+    x = normal(0, (2, 6, 6, 3), jnp.float64)
+    v = random_params(model.init, x, seed=1)
     _check_wrap(model.apply, v, LoraSpec(["params"], rank=2, dtype=jnp.float64), x, rtol=1e-12)
   finally:
     jax.config.update("jax_enable_x64", prev)
 
 
 def test_grouped_conv_is_factored_and_depthwise_merged_by_choice():
-  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 8))
+  x = normal(0, (2, 7, 7, 8))
   grouped = nn.Conv(16, (3, 3), feature_group_count=2)  # 2 groups x r=2 = 4 channels < 16
-  v = grouped.init(jax.random.key(1), x)
+  v = random_params(grouped.init, x, seed=1)
   assert v["params"]["kernel"].shape == (3, 3, 4, 16)
   _check_wrap(grouped.apply, v, LoraSpec(["params"], rank=2), x)
   # Depthwise (8 groups): the factored form would need 8 x r channels > 8 outputs; its kernel
   # is tiny, so it is merged at the use, exactly and without a fallback warning.
   depthwise = nn.Conv(8, (3, 3), feature_group_count=8)
-  v = depthwise.init(jax.random.key(1), x)
+  v = random_params(depthwise.init, x, seed=1)
   rep = _check_wrap(depthwise.apply, v, LoraSpec(["params"], rank=2), x, expect=("merged",))
   assert "grouped conv with 8 groups" in rep.uses[0].reason and not rep.fallbacks
   assert "merged at the use (a grouped conv with 8 groups" in str(rep)
@@ -284,7 +295,7 @@ def test_grouped_conv_is_factored_and_depthwise_merged_by_choice():
 def test_vmapped_row_lookup_is_factored():
   # equinox's Embedding under vmap: weight[i] per example becomes a gather that indexes the
   # feature axis too, with a full-width slice.
-  params = {"weight": jax.random.normal(jax.random.key(0), (11, 6))}
+  params = {"weight": normal(0, (11, 6))}
   ids = jnp.array([3, 0, 10, 3])
   fn = lambda p, ids: jax.vmap(lambda i: p["weight"][i])(ids)  # noqa: E731
   # (init cannot read this gather's layout off the trace yet: a 2-D table defaults to 'io')
@@ -298,13 +309,13 @@ def test_vmapped_row_lookup_is_factored():
 
 def test_transposed_use_of_a_2d_kernel_warns():
   # An (out, in) kernel, as GPT-2-style or equinox code holds it, with the default 'io' layout.
-  params = {"w": jax.random.normal(jax.random.key(0), (5, 6))}
+  params = {"w": normal(0, (5, 6))}
   fn = lambda p, x: x @ p["w"].T  # noqa: E731
   ad = lora_jax.init(jax.random.key(1), params, LoraSpec("w", rank=2))
   with pytest.warns(lora_jax.LoraLayoutWarning, match=r"'w': its layout 'io' looks wrong .* every matmul contracts the axes marked 'o'"):
     lora_jax.wrap(fn)(params, ad, X)
   # A tied embedding (looked up as rows, and contracted along features by the head) does not.
-  emb = {"e": jax.random.normal(jax.random.key(0), (9, 6))}
+  emb = {"e": normal(0, (9, 6))}
   tied = lambda p, ids: p["e"][ids] @ p["e"].T  # noqa: E731
   ad = lora_jax.init(jax.random.key(1), emb, LoraSpec("e", rank=2))
   with warnings.catch_warnings():

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import lora_jax
 from lora_jax import LoraFactors, LoraSpec
 from lora_jax.models import llama
-from tests._util import assert_close, random_adapters
+from tests._util import assert_close, normal, random_adapters, random_params
 
 RTOL = 2e-5
 
@@ -35,11 +35,12 @@ def _members(params, spec_kw, n, seed=0, **kw):
 
 
 def _alone(apply_fn, params, members, names, xs, *extra):
-  """Each example alone (a batch of one), merged by hand: the reference."""
+  """Each example alone (a batch of one), merged by hand: the reference. Jitted (one
+  compilation per member, not one per operation and shape): the same merge-then-apply."""
+  one = jax.jit(lambda p, ad, *a: apply_fn(p if ad is None else lora_jax.merge(p, ad), *a))
   outs = []
   for i, nm in enumerate(names):
-    p = params if nm is None else lora_jax.merge(params, members[nm])
-    outs.append(apply_fn(p, *(x[i : i + 1] for x in xs), *extra)[0])
+    outs.append(one(params, None if nm is None else members[nm], *(x[i : i + 1] for x in xs), *extra)[0])
   return np.stack(outs)
 
 
@@ -54,8 +55,8 @@ class MLP(nn.Module):
 @pytest.fixture(scope="module")
 def mlp():
   model = MLP()
-  x = jax.random.normal(jax.random.key(0), (7, 12))
-  params = model.init(jax.random.key(1), x)
+  x = normal(0, (7, 12))
+  params = random_params(model.init, x, seed=1)
   members = _members(params, ["params/up/kernel", "params/(heads|out)/kernel", ".*kernel"], 4, layout={"params/heads/kernel": "ioo"})
   return model, params, members, x
 
@@ -82,19 +83,20 @@ def test_gradients_equal_per_example_gradients(mlp):
   model, params, members, x = mlp
   bank = lora_jax.stack(members)
   names = ["m0", "m2", "m0", None, "m3", "m1", "m2"]
-  w = jax.random.normal(jax.random.key(5), (7, 5))
+  w = normal(5, (7, 5))
   lora_apply = lora_jax.wrap(model.apply)
 
   def loss(bank):
     return jnp.sum(lora_apply(params, bank, x, adapter_ids=names) * w)
 
   g = lora_jax.unstack(jax.jit(jax.grad(loss))(bank))
+  one = jax.jit(jax.grad(lambda ad, xi, wi: jnp.sum(lora_jax.wrap(model.apply)(params, ad, xi) * wi)))
   for nm in members:
-    ref = jax.tree.map(jnp.zeros_like, members[nm])
+    ref = jax.tree.map(np.zeros_like, members[nm])
     for i, n_i in enumerate(names):
       if n_i == nm:
-        gi = jax.grad(lambda ad: jnp.sum(lora_jax.wrap(model.apply)(params, ad, x[i : i + 1]) * w[i]))(members[nm])
-        ref = jax.tree.map(jnp.add, ref, gi)
+        gi = one(members[nm], x[i : i + 1], w[i])
+        ref = jax.tree.map(lambda r, g: r + np.asarray(g), ref, gi)
     for (p, got), want in zip(jax.tree_util.tree_leaves_with_path(g[nm]), jax.tree.leaves(ref)):
       assert_close(got, want, 1e-5, err_msg=f"{nm} {jax.tree_util.keystr(p)}")
 
@@ -217,8 +219,8 @@ def test_stack_refusals(mlp):
 def tiny_llama():
   config = llama.LlamaConfig.tiny(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat=False)
   model = llama.LlamaForCausalLM(config)
-  tokens = jax.random.randint(jax.random.key(0), (5, 9), 0, config.vocab_size)
-  params = model.init(jax.random.key(1), tokens)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (5, 9)), jnp.int32)
+  params = random_params(model.init, tokens, seed=1)  # NumPy draws: no initializer to compile
   return config, model, params, tokens
 
 
@@ -250,9 +252,9 @@ def test_conv_and_embed():
       return nn.Dense(3, name="head")(jnp.concatenate([e, h], -1))
 
   net = Net()
-  ids = jax.random.randint(jax.random.key(0), (4, 5), 0, 11)
-  img = jax.random.normal(jax.random.key(1), (4, 6, 6, 2))
-  params = net.init(jax.random.key(2), ids, img)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 5)), jnp.int32)
+  img = normal(1, (4, 6, 6, 2))
+  params = random_params(net.init, ids, img, seed=2)
   members = _members(params, ["params/(emb/embedding|conv/kernel)", "params/(head|conv)/kernel"], 3, layout={"params/conv/kernel": "iiio"})
   bank = lora_jax.stack(members)
   names = ["m2", None, "m0", "m1"]
@@ -271,7 +273,7 @@ def test_nnx_model_and_shared_argument():
       return self.out(jax.nn.gelu(self.lin(x)) + shift)
 
   apply_fn, params, _ = lora_jax.from_nnx(Block(nnx.Rngs(0)))
-  x = jax.random.normal(jax.random.key(3), (5, 6))
+  x = normal(3, (5, 6))
   shift = jnp.float32(0.25)  # shared by every example: in_axes None
   members = _members(params, [".*kernel"], 2)
   bank = lora_jax.stack(members)
@@ -282,8 +284,8 @@ def test_nnx_model_and_shared_argument():
 
 def test_quantized_base():
   model = MLP()
-  x = jax.random.normal(jax.random.key(0), (4, 12))
-  params = model.init(jax.random.key(1), x)
+  x = normal(0, (4, 12))
+  params = random_params(model.init, x, seed=1)
   q = lora_jax.quantize(params, "all-linear", model.apply, x, format="nf4", block_size=4)
   members = _members(params, [".*kernel"], 2, layout={"params/heads/kernel": "ioo"})
   bank = lora_jax.stack(members)
@@ -311,10 +313,10 @@ def test_explicit_axes_and_pytree_outputs():
     h = jnp.einsum("tbi,io->bto", x, p["w"]["kernel"])
     return {"h": h, "t": jnp.swapaxes(h, 0, 1) + y}
 
-  params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (4, 3))}}
+  params = {"w": {"kernel": normal(0, (4, 3))}}
   members = _members(params, ["w/kernel"], 2)
   bank = lora_jax.stack(members)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+  x = normal(1, (2, 5, 4))
   y = jnp.float32(1.0)
   names = ["m0", "m1", None, "m1", "m0"]
   got = lora_jax.wrap(fn, in_axes=(1, None), out_axes={"h": 0, "t": 1})(params, bank, x, y, adapter_ids=names)

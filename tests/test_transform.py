@@ -15,19 +15,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_jax
-from _util import assert_close, assert_trees_close
+from _util import assert_close, assert_trees_close, random_params
 from lora_jax import LoraFactors, LoraSpec
 
 ORDER_RTOL = 2e-5  # factored vs merged, float32: the same sums in another order, relative to max|value|
 
 
 def randomize(adapters, seed=0, scale=0.1):
-  """Non-zero a and b (fresh init has b = 0, which would hide most bugs)."""
+  """Non-zero a and b (fresh init has b = 0, which would hide most bugs). NumPy draws: no
+  compilation per leaf shape (a jitted normal per shape cost most of this file's time).
+  ``adapters`` may be abstract (``jax.eval_shape`` of ``init``)."""
+  rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(
-      treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+      treedef, [jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) for x in leaves]
   )
+
+
+def random_init(params, spec, seed=0):
+  """``randomize(init(...))`` without running init's random draws (its structure, shapes and
+  dtypes, traced abstractly): the values are overwritten anyway."""
+  return randomize(jax.eval_shape(lambda p: lora_jax.init(jax.random.key(1), p, spec), params), seed)
 
 
 def _close(x, y, dtype):
@@ -38,14 +46,14 @@ def _close(x, y, dtype):
   # before and after grouping, from terms of order 1), and the rounding is the terms'.
   rel = 0.05 if dtype == jnp.bfloat16 else ORDER_RTOL
   chex.assert_trees_all_equal_structs(x, y)
-  scale = max([float(jnp.abs(jnp.asarray(b, jnp.float32)).max()) for b in jax.tree.leaves(y) if jnp.size(b)] + [0.0])
+  scale = max([float(np.abs(np.asarray(b, np.float32)).max()) for b in jax.tree.leaves(y) if np.size(b)] + [0.0])
   for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
     assert_close(a, b, rel, scale=scale)
 
 
 def check_equivalent(apply_fn, params, spec, *args, dtype=jnp.float32, loss_arg=None, **kwargs):
   """Factored == merged == apply_fn(merge(...)) for outputs and for gradients w.r.t. a and b."""
-  adapters = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  adapters = random_init(params, spec)
   fact = jax.jit(lambda p, ad, *a: lora_jax.wrap(apply_fn)(p, ad, *a, **kwargs))
   merged = jax.jit(lambda p, ad, *a: lora_jax.wrap(apply_fn, mode="merged")(p, ad, *a, **kwargs))
   ref = jax.jit(lambda p, ad, *a: apply_fn(lora_jax.merge(p, ad), *a, **kwargs))
@@ -64,7 +72,7 @@ def check_equivalent(apply_fn, params, spec, *args, dtype=jnp.float32, loss_arg=
 
   g_f, g_m = loss(fact)(adapters), loss(merged)(adapters)
   _close(g_f, g_m, dtype)
-  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_f)), "gradients are all zero"
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(g_f)), "gradients are all zero"
   report = lora_jax.explain(apply_fn, params, adapters, *args, **kwargs)
   return adapters, report
 
@@ -168,7 +176,7 @@ def test_fallback_is_exact_and_reported():
   (use,) = rep.for_path("w")
   assert not use.factored and use.primitive == "mul" and "mul" in use.reason
   assert "MATERIALISED" in str(rep)
-  ad = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  ad = random_init(params, spec)
   with pytest.warns(lora_jax.LoraFallbackWarning, match="'w': materialised .* `mul`"):
     lora_jax.wrap(fn)(params, ad, x)
   with pytest.raises(lora_jax.LoraFallbackError, match="'w': the kernel meets `mul`"):
@@ -234,11 +242,19 @@ class Stack(nn.Module):
 STACK_LAYOUT = {"layers/(query|key|value)/kernel": "lioo", "layers/out/kernel": "liio", "layers/.*": "lio"}
 
 
-def test_scanned_remat_stack():
+@pytest.fixture(scope="module")
+def stack_checked():
+  """``check_equivalent`` on the scanned remat stack with all-linear LoRA, once for the tests
+  that read its adapters and report (each used to run the same check itself)."""
   model = Stack()
   v = model.init(jax.random.key(0), X)
   spec = LoraSpec("all-linear", rank=2, layout=STACK_LAYOUT)
   ad, rep = check_equivalent(model.apply, v, spec, X)
+  return v, spec, ad, rep
+
+
+def test_scanned_remat_stack(stack_checked):
+  _, _, ad, rep = stack_checked
   assert ad["params"]["layers"]["query"]["kernel"].a.shape == (4, 8, 2)
   assert ad["params"]["layers"]["query"]["kernel"].b.shape == (4, 2, 2, 4)
   all_factored(rep)
@@ -312,7 +328,7 @@ def test_linen_mutable_and_rngs():
 
   model = Net()
   v = model.init(jax.random.key(0), X, train=False)
-  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec(["Dense_0", "Dense_1"], rank=2)))
+  ad = random_init(v, LoraSpec(["Dense_0", "Dense_1"], rank=2))
   rngs = {"dropout": jax.random.key(7)}
   out, upd = lora_jax.wrap(model.apply)(v, ad, X, train=True, mutable=["batch_stats"], rngs=rngs)
   ref, ref_upd = model.apply(lora_jax.merge(v, ad), X, train=True, mutable=["batch_stats"], rngs=rngs)
@@ -326,7 +342,7 @@ def test_linen_mutable_and_rngs():
 def test_vmap_checkpoint_and_outer_jit():
   model = nn.Dense(4)
   v = model.init(jax.random.key(0), X)
-  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec("params/kernel", rank=2)))
+  ad = random_init(v, LoraSpec("params/kernel", rank=2))
   f = lora_jax.wrap(model.apply)
   ref = model.apply(lora_jax.merge(v, ad), X)
   assert_close(jax.vmap(f, in_axes=(None, None, 0))(v, ad, X), ref, ORDER_RTOL)
@@ -422,10 +438,10 @@ def test_gradient_never_forms_full_kernel(which):
 def test_hypothesis_dense_general(d_in, d_out, extra, rank, batch):
   rank = min(rank, d_in, d_out * extra)
   model = nn.DenseGeneral((d_out, extra))
-  x = jax.random.normal(jax.random.key(d_in), (batch, d_in))
-  v = model.init(jax.random.key(0), x)
+  x = jnp.asarray(np.random.default_rng(d_in).standard_normal((batch, d_in)), jnp.float32)
+  v = random_params(model.init, x)  # NumPy draws: no compilation per hypothesis shape
   spec = LoraSpec("params/kernel", rank=rank, layout={"kernel": "ioo"})
-  ad = randomize(lora_jax.init(jax.random.key(1), v, spec))
+  ad = random_init(v, spec)
   y = lora_jax.wrap(model.apply)(v, ad, x)
   # Independent float64 reference: x @ (W + scale a@b).
   w = np.asarray(v["params"]["kernel"], np.float64)
@@ -456,17 +472,17 @@ def test_bad_inputs():
     lora_jax.wrap(lambda p: p, group="yes")
 
 
-def test_infer_layout_reads_real_models():
-  v = Stack().init(jax.random.key(0), X)
+def test_infer_layout_reads_real_models(stack_checked):
+  v, stack_spec, _, _ = stack_checked
   got = lora_jax.infer_layout(Stack().apply, v, X)
   assert got["params/layers/query/kernel"] == "lioo"
   assert got["params/layers/out/kernel"] == "liio"
   assert got["params/layers/up/kernel"] == "lio"
   assert got["params/head/kernel"] == "io"
-  # Plugged into the spec, it gives per-layer factors and an all-factored transform.
+  # Plugged into the spec, it gives the targets (per-layer factors) of the hand-written
+  # layouts, which ``stack_checked`` showed give an all-factored transform equal to merging.
   spec = LoraSpec("all-linear", rank=2, layout=got)
-  _, rep = check_equivalent(Stack().apply, v, spec, X)
-  all_factored(rep)
+  assert spec.resolve(v) == stack_spec.resolve(v)
 
   class Tied(nn.Module):
     @nn.compact
@@ -548,10 +564,8 @@ def _inner_eqns(jaxpr):
         yield from _inner_eqns(inner)
 
 
-def test_grouping_inside_scanned_remat_layers():
-  model = Stack()
-  v = model.init(jax.random.key(0), X)
-  ad, rep = check_equivalent(model.apply, v, LoraSpec("all-linear", rank=2, layout=STACK_LAYOUT), X)
+def test_grouping_inside_scanned_remat_layers(stack_checked):
+  *_, rep = stack_checked
   assert ["params/layers/query/kernel", "params/layers/key/kernel", "params/layers/value/kernel"] in rep.grouped, rep.grouped
 
 
@@ -577,9 +591,9 @@ def test_hypothesis_grouped_batched_matmuls(outs, ranks, layers, d_in):
   _, rep = check_equivalent(f, params, spec, x)
   all_factored(rep)
   assert rep.grouped == [sorted(params)], rep.grouped
-  ad = randomize(lora_jax.init(jax.random.key(1), params, spec))
+  ad = random_init(params, spec)
   probe = jnp.cos(jnp.arange(sum(layers * 3 * o for o in outs), dtype=jnp.float32))
-  g = [jax.grad(lambda ad, grp=grp: lora_jax.wrap(f, group=grp)(params, ad, x) @ probe)(ad) for grp in (True, False)]
+  g = [jax.jit(jax.grad(lambda ad, grp=grp: lora_jax.wrap(f, group=grp)(params, ad, x) @ probe))(ad) for grp in (True, False)]
   _close(g[0], g[1], jnp.float32)
 
 
@@ -598,7 +612,7 @@ def _saved_thin_products(fn, *args) -> list[tuple[int, ...]]:
 def test_remat_policy_keeps_only_the_thin_products():
   model = SharedInputs()
   v = model.init(jax.random.key(0), X)
-  ad = randomize(lora_jax.init(jax.random.key(1), v, LoraSpec(["q", "k", "v", "gate", "up"], rank=2)))
+  ad = random_init(v, LoraSpec(["q", "k", "v", "gate", "up"], rank=2))
   wrapped = lora_jax.wrap(model.apply)
   loss = lambda policy: jax.checkpoint(lambda ad, x: jnp.sum(jnp.sin(wrapped(v, ad, x))), policy=policy)  # noqa: E731
   assert _saved_thin_products(loss(None), ad, X) == []

@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   impl, targets, tune_name = train_step._parse_key(args.variant)
   tune = train_step.tune_settings(tune_name, cfg)
+  if tune["xla_flags"] and tune["xla_flags"] not in os.environ.get("XLA_FLAGS", ""):
+    raise SystemExit(f"tune {tune_name!r} needs XLA_FLAGS={tune['xla_flags']!r} set before this process starts "
+                     "(train_step.py sets it per variant process; here, set it in the environment)")
   step, frozen, state, _, _, tokens = train_step.build(impl, targets, tune, cfg)
   compiled = step.lower(*frozen, *state, tokens).compile()
   hlo_text = compiled.as_text()

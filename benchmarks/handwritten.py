@@ -9,6 +9,8 @@ transform is involved; only the model's RoPE helpers and loss functions are reus
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import jax
@@ -40,7 +42,7 @@ def init_adapters(key: jax.Array, params: dict[str, Any], targets: tuple[str, ..
 
 def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype: Any, remat: bool = False) -> jax.Array:
   # the model's own elementwise function (and its elementwise_remat), so both run the same math
-  return llama._elementwise(llama._rms_norm, remat)(x, scale, eps, dtype)
+  return llama._elementwise(functools.partial(llama._rms_norm, eps=eps, dtype=dtype), remat)(x, scale)
 
 
 def loss(

@@ -462,8 +462,9 @@ def _swiglu(gate: Array, up: Array) -> Array:
 
 
 def _elementwise(fn: Callable[..., Array], remat: bool) -> Callable[..., Array]:
-  """``fn``, or ``fn`` under ``jax.checkpoint`` (its backward saves only its inputs)."""
-  return jax.checkpoint(fn, static_argnums=tuple(range(2, fn.__code__.co_argcount))) if remat else fn
+  """``fn`` (of arrays only: bind the rest with ``functools.partial``), or ``fn`` under
+  ``jax.checkpoint`` (its backward saves only its inputs)."""
+  return jax.checkpoint(fn) if remat else fn
 
 
 class RMSNorm(nn.Module):
@@ -481,7 +482,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    return _elementwise(_rms_norm, self.remat)(x, scale, self.eps, self.dtype)
+    return _elementwise(functools.partial(_rms_norm, eps=self.eps, dtype=self.dtype), self.remat)(x, scale)
 
 
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
